@@ -1,0 +1,245 @@
+"""The export pipeline: checkpoint -> validated model package."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from m3_runtime.contract import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    PROVIDERS_FOR_VARIANT,
+    TOKENIZER_FILE,
+    VARIANTS,
+    Manifest,
+    SpecialTokens,
+    Variant,
+    VariantInfo,
+    data_file,
+    graph_file,
+    graph_shapes,
+)
+from m3_runtime.package import file_entry
+from m3_runtime.tokenize import M3Tokenizer
+
+from . import graphs, validate
+from .checkpoint import (
+    TOKENIZER_EXTRA_FILES,
+    Checkpoint,
+    CheckpointError,
+    inspect_checkpoint,
+    load_torch_model,
+    resolve_source,
+)
+from .graphs import ExportError
+from .texts import VALIDATION_TEXTS
+
+PRECISION = {"fp32": "float32", "fp16": "float16 (normalisation in float32)", "int8": "int8 dynamic, per-channel weights"}
+DEFAULT_OPSET = 18
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class _Steps:
+    """Numbered progress lines with timings on stderr."""
+
+    def __init__(self, total: int, say: Callable[[str], None]) -> None:
+        self.total, self.done, self.say = total, 0, say
+
+    def __call__(self, what: str, fn: Callable[[], object]) -> object:
+        self.done += 1
+        self.say(f"[{self.done}/{self.total}] {what} ...")
+        start = time.perf_counter()
+        result = fn()
+        self.say(f"      done in {time.perf_counter() - start:.1f} s")
+        return result
+
+
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out} is not empty; pass --force to replace it")
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for dist in ("torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "onnxscript", "m3-exporter"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def _write_tokenizer(ckpt: Checkpoint, dest: Path) -> None:
+    for name in TOKENIZER_EXTRA_FILES:
+        if (ckpt.path / name).is_file():
+            shutil.copy2(ckpt.path / name, dest / name)
+    if ckpt.tokenizer_json is not None:
+        shutil.copy2(ckpt.tokenizer_json, dest / TOKENIZER_FILE)
+        return
+    # Only sentencepiece.bpe.model: transformers converts it to the fast-tokenizer JSON.
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(ckpt.path, use_fast=True).backend_tokenizer.save(str(dest / TOKENIZER_FILE))
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"cannot build tokenizer.json from {ckpt.path / 'sentencepiece.bpe.model'}: {exc}") from None
+
+
+def _special_tokens(package: Path, tokenizer: M3Tokenizer) -> SpecialTokens:
+    names = {"bos": "<s>", "pad": "<pad>", "eos": "</s>", "unk": "<unk>", "mask": "<mask>"}
+    mapping = package / "special_tokens_map.json"
+    if mapping.is_file():
+        data = json.loads(mapping.read_text(encoding="utf-8"))
+        for key, field in (("cls_token", "bos"), ("pad_token", "pad"), ("eos_token", "eos"), ("unk_token", "unk"), ("mask_token", "mask")):
+            value = data.get(key)
+            if isinstance(value, dict):
+                value = value.get("content")
+            if isinstance(value, str):
+                names[field] = value
+    ids = {field: tokenizer.token_to_id(token) for field, token in names.items()}
+    missing = [names[f] for f, i in ids.items() if i is None and f != "mask"]
+    if missing:
+        raise CheckpointError(f"tokenizer has no id for the special token(s) {missing}")
+    return SpecialTokens(**ids)  # type: ignore[arg-type]
+
+
+def _clean_up_flag(package: Path) -> bool:
+    config = package / "tokenizer_config.json"
+    if not config.is_file():
+        return False
+    return bool(json.loads(config.read_text(encoding="utf-8")).get("clean_up_tokenization_spaces", False))
+
+
+def export_package(
+    src: str,
+    out: str | Path,
+    *,
+    variants: Sequence[Variant] = VARIANTS,
+    opset: int = DEFAULT_OPSET,
+    max_length: int | None = None,
+    validate_variants: bool = True,
+    force: bool = False,
+    revision: str | None = None,
+    say: Callable[[str], None] = _say,
+) -> Manifest:
+    """Export ``src`` (a local checkpoint or hub id) to a package in ``out``.
+
+    Raises ``CheckpointError`` for a bad checkpoint (before any heavy work),
+    ``FileExistsError`` for a non-empty ``out`` without ``force``, and ``ExportError``
+    when the fp32 graph differs from PyTorch by more than 1e-4.
+    """
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or not variants:
+        raise ValueError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    out = Path(out).expanduser().resolve()
+    _check_out(out, force)
+    path, resolved_revision = resolve_source(src, revision)
+    ckpt = inspect_checkpoint(path, source=src, revision=resolved_revision)
+    limit = ckpt.max_length
+    max_length = limit if max_length is None else max_length
+    if not 2 <= max_length <= limit:
+        raise ValueError(f"--max-length must be in 2..{limit} for {src} (max_position_embeddings), got {max_length}")
+
+    steps = _Steps(2 + validate_variants + ("fp16" in variants) + ("int8" in variants), say)
+    work = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        _write_tokenizer(ckpt, work)
+        tokenizer = M3Tokenizer(work / TOKENIZER_FILE)
+        special = _special_tokens(work, tokenizer)
+        model = steps(f"loading {src} in PyTorch", lambda: load_torch_model(ckpt))
+        ids = tokenizer.encode(list(VALIDATION_TEXTS), min(max_length, 512))
+        reference = (
+            steps("running PyTorch on the validation texts", lambda: validate.torch_outputs(model, ids, special.pad))
+            if validate_variants
+            else None
+        )
+        fp32 = work / graph_file("fp32")
+        steps(f"exporting fp32 (opset {opset}, dynamic batch and sequence <= {max_length})",
+              lambda: graphs.export_graph(model, fp32, opset=opset, max_length=max_length))
+        if "fp16" in variants:
+            steps("exporting fp16", lambda: graphs.export_fp16(model, work / graph_file("fp16"), opset=opset, max_length=max_length))
+        del model
+
+        infos: dict[str, VariantInfo] = {}
+        for variant in ("fp32", "fp16", "int8"):
+            if variant not in variants:
+                continue
+            target = work / graph_file(variant)  # type: ignore[arg-type]
+            if variant == "int8":
+                steps("quantizing to int8", lambda: graphs.quantize_int8(fp32, target))
+            metrics: dict[str, float] = {}
+            if reference is not None:
+                metrics = validate.compare(reference, validate.onnx_outputs(target, ids, special.pad), special.unused_for_sparse)
+                say(f"      {variant} vs PyTorch: " + ", ".join(f"{k} {v:.3g}" for k, v in metrics.items()))
+                if variant == "fp32" and validate.max_abs(metrics) > validate.FP32_TOLERANCE:
+                    raise ExportError(
+                        f"fp32 graph differs from PyTorch by {validate.max_abs(metrics):.3g} "
+                        f"(> {validate.FP32_TOLERANCE}); the export is wrong, not written"
+                    )
+                if metrics["nan"]:
+                    raise ExportError(f"{variant} graph produced NaN on the validation texts; not written")
+            infos[variant] = VariantInfo(
+                name=variant,  # type: ignore[arg-type]
+                precision=PRECISION[variant],
+                providers=PROVIDERS_FOR_VARIANT[variant],  # type: ignore[index]
+                files=(file_entry(work, target), file_entry(work, work / data_file(variant))),  # type: ignore[arg-type]
+                validation=metrics,
+            )
+        if "fp32" not in variants:
+            fp32.unlink()
+            (work / data_file("fp32")).unlink()
+
+        inputs, outputs = graph_shapes(ckpt.hidden_size)
+        tokenizer_files = tuple(
+            file_entry(work, work / name) for name in (TOKENIZER_FILE, *TOKENIZER_EXTRA_FILES) if (work / name).is_file()
+        )
+        manifest = Manifest(
+            format_version=FORMAT_VERSION,
+            model_kind="bge-m3",
+            source={
+                "id": src,
+                "path": str(ckpt.path),
+                "revision": ckpt.revision,
+                "weights_sha256": ckpt.weight_hashes(),
+            },
+            hidden_size=ckpt.hidden_size,
+            max_length=max_length,
+            vocab_size=int(ckpt.config["vocab_size"]),
+            special_tokens=special,
+            inputs=inputs,
+            outputs=outputs,
+            variants=infos,
+            tokenizer_files=tokenizer_files,
+            clean_up_tokenization_spaces=_clean_up_flag(work),
+            versions=_versions() | {"opset": str(opset)},
+        )
+        (work / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        if out.exists():
+            shutil.rmtree(out)  # only reached with force (checked above)
+        work.rename(out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    say(f"wrote {out}: " + ", ".join(f"{v} ({_size(out, v)})" for v in infos))
+    return manifest
+
+
+def _size(root: Path, variant: str) -> str:
+    total = sum((root / f).stat().st_size for f in (graph_file(variant), data_file(variant)))  # type: ignore[arg-type]
+    return f"{total / 1e6:.1f} MB"
+
+
+__all__ = ["export_package", "CheckpointError", "ExportError"]

@@ -1,0 +1,106 @@
+"""Writing the three graph variants: fp32 and fp16 (exported from PyTorch), int8 (quantized from fp32)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import onnx
+
+from m3_runtime.contract import INPUT_NAMES, OUTPUT_NAMES
+
+
+class ExportError(RuntimeError):
+    """Export produced a graph that is wrong or could not be written."""
+
+
+def save_graph(model: onnx.ModelProto, path: Path) -> None:
+    """Save with every weight in ONE external-data file next to the graph.
+
+    Protobuf caps a graph at 2 GB and BGE-M3 in fp32 is 2.27 GB; a single data file with
+    a relative location keeps the package movable as a whole.
+    """
+    location = path.name + ".data"  # == contract.data_file(variant) for model.<variant>.onnx
+    (path.parent / location).unlink(missing_ok=True)
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location
+    )
+
+
+def export_graph(model, path: Path, *, opset: int, max_length: int) -> None:
+    """Trace ``model`` (an ``M3Graph``) with dynamic batch and sequence axes (dynamo exporter)."""
+    import torch
+
+    # Batch >= 2 and sequence >= 2 with padding, so neither axis is specialised.
+    input_ids = torch.tensor([[0, 5, 6, 7, 8, 2], [0, 9, 2, 1, 1, 1]], dtype=torch.int64)
+    attention_mask = (input_ids != 1).to(torch.int64)
+    batch = torch.export.Dim("batch", min=1)
+    sequence = torch.export.Dim("sequence", min=1, max=max_length)
+    dynamic = {"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}}
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            model,
+            (input_ids, attention_mask),
+            input_names=list(INPUT_NAMES),
+            output_names=list(OUTPUT_NAMES),
+            dynamic_shapes=dynamic,
+            opset_version=opset,
+            dynamo=True,
+            verbose=False,
+        )
+    if program is None:
+        raise ExportError("torch.onnx.export returned no program")
+    save_graph(program.model_proto, path)
+    check_interface(path)
+
+
+def check_interface(path: Path) -> None:
+    """The graph must have the contract's names with symbolic (not fixed) batch/sequence axes."""
+    model = onnx.load(str(path), load_external_data=False)
+    inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
+    outputs = [o.name for o in model.graph.output]
+    if list(inputs) != list(INPUT_NAMES) or outputs != list(OUTPUT_NAMES):
+        raise ExportError(f"{path}: expected inputs {INPUT_NAMES} and outputs {OUTPUT_NAMES}, got {list(inputs)} and {outputs}")
+    for name, dims in inputs.items():
+        if len(dims) != 2 or not all(isinstance(d, str) and d for d in dims):
+            raise ExportError(f"{path}: input {name} has dims {dims}; batch and sequence must be dynamic")
+
+
+def export_fp16(model, path: Path, *, opset: int, max_length: int) -> None:
+    """fp16 weights and compute, int64 inputs and fp32 outputs. Converts ``model`` in place.
+
+    Exported from the half-precision PyTorch module rather than converted from the fp32
+    graph: the heads' L2 normalisation upcasts to fp32 in the module itself (see
+    ``wrapper.l2_normalize``), where a graph converter would round its 1e-12 epsilon
+    to zero between casts and turn padded ColBERT rows into NaN. LayerNormalization keeps
+    fp32 statistics under fp16 inputs by the ONNX spec (stash_type=1).
+    """
+    export_graph(model.half(), path, opset=opset, max_length=max_length)
+
+
+def quantize_int8(fp32_path: Path, path: Path) -> None:
+    """Dynamic int8: per-channel int8 weights of every MatMul, activations quantized at run time.
+
+    ``reduce_range=False``: VNNI/AMX take the full int8 range (the 7-bit workaround is
+    for pre-VNNI CPUs).
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = path.with_name(path.name + ".tmp")
+    quantize_dynamic(
+        str(fp32_path),
+        str(tmp),
+        per_channel=True,
+        reduce_range=False,
+        weight_type=QuantType.QInt8,
+        op_types_to_quantize=["MatMul"],
+        use_external_data_format=True,
+    )
+    save_graph(onnx.load(str(tmp)), path)
+    tmp.unlink()
+    for leftover in tmp.parent.glob(tmp.name + "*"):
+        leftover.unlink()
+    check_interface(path)

@@ -1,0 +1,125 @@
+"""Compare an exported graph with the PyTorch model on the same token ids.
+
+Metrics (all against PyTorch fp32, on real tokens only, padding excluded):
+- ``dense_max_abs``, ``dense_cos_min``, ``dense_cos_mean``
+- ``sparse_max_abs`` (token weights), ``sparse_top10_overlap`` (mean share of each
+  text's 10 heaviest lexical ids that the variant also ranks in its top 10)
+- ``colbert_max_abs``, ``colbert_cos_min`` (per row), ``colbert_score_max_abs``
+  (ColBERT score of every text pair)
+- ``nan`` (1.0 if any output had a NaN, padded rows included)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from m3_runtime.batching import pad_batch
+from m3_runtime.contract import INPUT_NAMES, OUTPUT_NAMES
+from m3_runtime.scoring import colbert_score, lexical_weights
+
+FP32_TOLERANCE = 1e-4
+BATCH = 8
+
+
+@dataclass
+class Outputs:
+    """Per-text outputs on real tokens: dense [hidden], token weights [len], ColBERT [len - 1, hidden]."""
+
+    ids: list[np.ndarray]
+    dense: list[np.ndarray]
+    sparse: list[np.ndarray]
+    colbert: list[np.ndarray]
+    nan: bool = False
+
+
+def _batches(ids: Sequence[list[int]]) -> list[list[int]]:
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    return [order[i : i + BATCH] for i in range(0, len(order), BATCH)]
+
+
+def _collect(ids: Sequence[list[int]], run, pad_id: int) -> Outputs:
+    n = len(ids)
+    out = Outputs(ids=[np.asarray(x) for x in ids], dense=[None] * n, sparse=[None] * n, colbert=[None] * n)  # type: ignore[list-item]
+    for batch in _batches(ids):
+        input_ids, mask = pad_batch([ids[i] for i in batch], pad_id)
+        dense, sparse, colbert = run(input_ids, mask)
+        out.nan |= bool(np.isnan(dense).any() or np.isnan(sparse).any() or np.isnan(colbert).any())
+        for row, i in enumerate(batch):
+            length = len(ids[i])
+            out.dense[i] = dense[row]
+            out.sparse[i] = sparse[row, :length]
+            out.colbert[i] = colbert[row, : length - 1]
+    return out
+
+
+def torch_outputs(model, ids: Sequence[list[int]], pad_id: int) -> Outputs:
+    import torch
+
+    def run(input_ids: np.ndarray, mask: np.ndarray):
+        with torch.inference_mode():
+            res = model(torch.from_numpy(input_ids), torch.from_numpy(mask))
+        return [r.float().numpy() for r in res]
+
+    return _collect(ids, run, pad_id)
+
+
+def onnx_outputs(graph: Path, ids: Sequence[list[int]], pad_id: int) -> Outputs:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(graph), sess_options=options, providers=["CPUExecutionProvider"])
+
+    def run(input_ids: np.ndarray, mask: np.ndarray):
+        return session.run(list(OUTPUT_NAMES), {INPUT_NAMES[0]: input_ids, INPUT_NAMES[1]: mask})
+
+    return _collect(ids, run, pad_id)
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    num = (a64 * b64).sum(-1)
+    den = np.linalg.norm(a64, axis=-1) * np.linalg.norm(b64, axis=-1)
+    return np.where(den > 0, num / np.maximum(den, 1e-30), 1.0)
+
+
+def _top10(weights: dict[str, float]) -> set[str]:
+    return {k for k, _ in sorted(weights.items(), key=lambda kv: -kv[1])[:10]}
+
+
+def compare(ref: Outputs, got: Outputs, unused: frozenset[int]) -> dict[str, float]:
+    dense_ref, dense_got = np.stack(ref.dense), np.stack(got.dense)
+    dense_cos = _cos(dense_ref, dense_got)
+    col_ref = np.concatenate([c for c in ref.colbert if len(c)])
+    col_got = np.concatenate([c for c in got.colbert if len(c)])
+    overlaps = []
+    for ids, s_ref, s_got in zip(ref.ids, ref.sparse, got.sparse, strict=True):
+        top_ref = _top10(lexical_weights(s_ref, ids, unused))
+        if top_ref:
+            overlaps.append(len(top_ref & _top10(lexical_weights(s_got, ids, unused))) / len(top_ref))
+    n = len(ref.colbert)
+    score_diff = max(
+        abs(colbert_score(ref.colbert[i], ref.colbert[j]) - colbert_score(got.colbert[i], got.colbert[j]))
+        for i in range(n)
+        for j in range(n)
+        if len(ref.colbert[i]) and len(ref.colbert[j])
+    )
+    return {
+        "dense_max_abs": float(np.abs(dense_ref - dense_got).max()),
+        "dense_cos_min": float(dense_cos.min()),
+        "dense_cos_mean": float(dense_cos.mean()),
+        "sparse_max_abs": float(max(np.abs(a - b).max() for a, b in zip(ref.sparse, got.sparse, strict=True))),
+        "sparse_top10_overlap": float(np.mean(overlaps)) if overlaps else 1.0,
+        "colbert_max_abs": float(np.abs(col_ref - col_got).max()),
+        "colbert_cos_min": float(_cos(col_ref, col_got).min()),
+        "colbert_score_max_abs": float(score_diff),
+        "nan": float(got.nan),
+    }
+
+
+def max_abs(metrics: dict[str, float]) -> float:
+    return max(metrics["dense_max_abs"], metrics["sparse_max_abs"], metrics["colbert_max_abs"])

@@ -1,0 +1,47 @@
+"""The PyTorch module that is exported: XLM-R backbone plus the dense, sparse and ColBERT heads.
+
+Follows FlagEmbedding's ``EncoderOnlyEmbedderM3Model`` (``normalize_embeddings=True``):
+    h       = backbone(input_ids, attention_mask).last_hidden_state    (batch, seq, hidden)
+    dense   = normalize(h[:, 0])                                       (batch, hidden)
+    sparse  = relu(sparse_linear(h)).squeeze(-1)                       (batch, seq)
+    colbert = normalize(colbert_linear(h[:, 1:]) * mask[:, 1:, None])  (batch, seq - 1, hidden)
+with ``normalize(x) = x / max(||x||, 1e-12)`` (``F.normalize``), so padded ColBERT rows
+are exact zeros, never NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+NORM_EPS = 1e-12
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """``F.normalize(x, dim=-1)`` computed in fp32 whatever the dtype of ``x``.
+
+    In fp16 the sum of squares of a 1024-d hidden state overflows (> 65504) and the
+    epsilon 1e-12 rounds to 0 (a zero row gives 0/0 = NaN); fp32 avoids both.
+    """
+    x32 = x.float()
+    norm = torch.sqrt(torch.sum(x32 * x32, dim=-1, keepdim=True))
+    return x32 / torch.clamp(norm, min=NORM_EPS)
+
+
+class M3Graph(nn.Module):
+    """``(input_ids, attention_mask) -> (dense_vecs, sparse_weights, colbert_vecs)``, all float32."""
+
+    def __init__(self, backbone: nn.Module, colbert_linear: nn.Linear, sparse_linear: nn.Linear) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.colbert_linear = colbert_linear
+        self.sparse_linear = sparse_linear
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        h = self.backbone(input_ids=input_ids, attention_mask=attention_mask, return_dict=True).last_hidden_state
+        dense = l2_normalize(h[:, 0])
+        sparse = torch.relu(self.sparse_linear(h)).squeeze(-1).float()
+        colbert = self.colbert_linear(h[:, 1:]) * attention_mask[:, 1:, None].to(h.dtype)
+        return dense, sparse, l2_normalize(colbert)

@@ -1,0 +1,145 @@
+"""``m3``: encode, score and inspect with a model package from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+
+from .contract import VARIANTS
+from .package import PackageError, load_package
+from .session import available_providers, default_variant
+
+
+def _model(args: argparse.Namespace):
+    from .model import M3Model
+
+    return M3Model(args.package, variant=args.variant, batch_size=args.batch_size)
+
+
+def _texts(items: Sequence[str]) -> list[str]:
+    if list(items) == ["-"]:
+        return [line.rstrip("\n") for line in sys.stdin]
+    if not items:
+        raise ValueError("give texts as arguments, or '-' to read one text per line from standard input")
+    return list(items)
+
+
+def cmd_encode(args: argparse.Namespace) -> None:
+    texts = _texts(args.texts)
+    dense, sparse, colbert = args.dense, args.sparse, args.colbert
+    if not (dense or sparse or colbert):
+        dense = sparse = True
+    model = _model(args)
+    out = model.encode(
+        texts, max_length=args.max_length, return_dense=dense, return_sparse=sparse, return_colbert_vecs=colbert
+    )
+    for i in range(len(texts)):
+        row: dict[str, object] = {"index": i}
+        if dense:
+            row["dense"] = out["dense_vecs"][i].tolist()
+        if sparse:
+            weights = out["lexical_weights"][i]
+            row["sparse"] = {model.tokenizer.decode_one(int(k)): w for k, w in weights.items()} if args.tokens else weights
+        if colbert:
+            row["colbert"] = out["colbert_vecs"][i].tolist()
+        print(json.dumps(row, ensure_ascii=False))
+
+
+def _weights(value: str) -> list[float]:
+    try:
+        weights = [float(x) for x in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--weights takes three numbers like 0.4,0.2,0.4, got {value!r}") from None
+    if len(weights) != 3:
+        raise argparse.ArgumentTypeError(f"--weights takes three numbers (dense,sparse,colbert), got {value!r}")
+    return weights
+
+
+def cmd_score(args: argparse.Namespace) -> None:
+    model = _model(args)
+    pairs = [(args.query, p) for p in args.passages]
+    scores = model.compute_score(
+        pairs,
+        max_query_length=args.max_query_length,
+        max_passage_length=args.max_passage_length,
+        weights_for_different_modes=args.weights,
+    )
+    for i, passage in enumerate(args.passages):
+        print(json.dumps({"passage": passage[:80], **{k: v[i] for k, v in scores.items()}}, ensure_ascii=False))
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    package = load_package(args.package)
+    m = package.manifest
+    providers = available_providers()
+    lines = [
+        f"package      {package.root}",
+        f"format       {m.format_version} ({m.model_kind})",
+        f"source       {m.source.get('id')} (revision {m.source.get('revision')})",
+        f"hidden size  {m.hidden_size}; max length {m.max_length} tokens; vocab {m.vocab_size}",
+        f"special ids  <s> {m.special_tokens.bos}, <pad> {m.special_tokens.pad}, </s> {m.special_tokens.eos}, "
+        f"<unk> {m.special_tokens.unk}",
+        "inputs       " + ", ".join(f"{k} {v}" for k, v in m.inputs.items()),
+        "outputs      " + ", ".join(f"{k} {v}" for k, v in m.outputs.items()),
+        "variants",
+    ]
+    for name, info in m.variants.items():
+        size = sum(f.bytes for f in info.files) / 1e6
+        lines.append(f"  {name:5} {size:9.1f} MB  {info.precision}; for {', '.join(info.providers)}")
+        if info.validation:
+            shown = ("dense_cos_min", "dense_max_abs", "sparse_max_abs", "colbert_max_abs", "sparse_top10_overlap")
+            lines.append("        vs PyTorch: " + ", ".join(f"{k} {info.validation[k]:.3g}" for k in shown if k in info.validation))
+    lines.append("built with   " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
+    lines.append(f"providers    {', '.join(providers)} (this ONNX Runtime)")
+    lines.append(f"default      {default_variant(list(m.variants), providers)} on this machine")
+    print("\n".join(lines))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="m3", description="BGE-M3 runtime: dense, sparse and ColBERT outputs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("package", help="model package folder written by m3-export")
+        p.add_argument("--variant", choices=VARIANTS, default=None, help="default: picked by provider")
+        p.add_argument("--batch-size", type=int, default=256)
+
+    enc = sub.add_parser("encode", help="print one JSON line per text")
+    common(enc)
+    enc.add_argument("texts", nargs="*", help="texts, or '-' for one text per line on standard input")
+    enc.add_argument("--dense", action="store_true", help="dense vector (default with --sparse when none given)")
+    enc.add_argument("--sparse", action="store_true", help="lexical weights {token_id: weight}")
+    enc.add_argument("--colbert", action="store_true", help="ColBERT vectors, one per token after <s>")
+    enc.add_argument("--tokens", action="store_true", help="key lexical weights by token string, not id")
+    enc.add_argument("--max-length", type=int, default=None, help="truncate texts to this many tokens")
+    enc.set_defaults(func=cmd_encode)
+
+    score = sub.add_parser("score", help="all five scores of QUERY against each PASSAGE")
+    common(score)
+    score.add_argument("query")
+    score.add_argument("passages", nargs="+")
+    score.add_argument("--max-query-length", type=int, default=None)
+    score.add_argument("--max-passage-length", type=int, default=None)
+    score.add_argument("--weights", type=_weights, default=None, help="dense,sparse,colbert weights (default 1,1,1)")
+    score.set_defaults(func=cmd_score)
+
+    info = sub.add_parser("info", help="show the package manifest and the providers available")
+    info.add_argument("package")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (PackageError, ValueError, TypeError, ImportError) as exc:
+        print(f"m3: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

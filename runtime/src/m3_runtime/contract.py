@@ -1,0 +1,165 @@
+"""The contract between exporter and runtime: graph names, variants, manifest schema.
+
+Every string that both sides must agree on lives here and nowhere else.
+
+Graph (one per variant, backbone + both heads):
+    input_ids       (batch, seq) int64
+    attention_mask  (batch, seq) int64
+ -> dense_vecs      (batch, hidden) float32       normalize(h[:, 0])
+    sparse_weights  (batch, seq) float32          relu(sparse_linear(h)).squeeze(-1)
+    colbert_vecs    (batch, seq - 1, hidden) float32
+                    normalize(colbert_linear(h[:, 1:]) * mask[:, 1:, None]), zero at padding
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, get_args
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+
+INPUT_NAMES: tuple[str, ...] = ("input_ids", "attention_mask")
+DENSE = "dense_vecs"
+SPARSE = "sparse_weights"
+COLBERT = "colbert_vecs"
+OUTPUT_NAMES: tuple[str, ...] = (DENSE, SPARSE, COLBERT)
+
+Variant = Literal["fp32", "fp16", "int8"]
+VARIANTS: tuple[Variant, ...] = get_args(Variant)
+
+# Which execution providers each variant is built for. fp16 on the CPU provider runs,
+# but slower than fp32 (casts and fp32 fallbacks); int8 through ORT on GPUs is slower
+# than fp16.
+PROVIDERS_FOR_VARIANT: dict[Variant, tuple[str, ...]] = {
+    "fp32": ("CPUExecutionProvider", "CUDAExecutionProvider"),
+    "fp16": ("TensorrtExecutionProvider", "CUDAExecutionProvider"),
+    "int8": ("CPUExecutionProvider",),
+}
+
+
+def graph_file(variant: Variant) -> str:
+    return f"model.{variant}.onnx"
+
+
+def data_file(variant: Variant) -> str:
+    """External-data file holding all weights of a variant, next to its graph."""
+    return f"model.{variant}.onnx.data"
+
+
+class ManifestError(ValueError):
+    """The manifest is missing fields, has wrong types or an unknown format version."""
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    path: str
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class VariantInfo:
+    name: Variant
+    precision: str
+    providers: tuple[str, ...]
+    files: tuple[FileEntry, ...]
+    validation: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def graph(self) -> str:
+        return graph_file(self.name)
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    bos: int
+    pad: int
+    eos: int
+    unk: int
+    mask: int | None = None
+
+    @property
+    def unused_for_sparse(self) -> frozenset[int]:
+        """Ids FlagEmbedding drops from lexical weights: cls(<s>), eos, pad, unk."""
+        return frozenset((self.bos, self.eos, self.pad, self.unk))
+
+
+@dataclass(frozen=True)
+class Manifest:
+    format_version: int
+    model_kind: str
+    source: dict[str, Any]
+    hidden_size: int
+    max_length: int
+    vocab_size: int
+    special_tokens: SpecialTokens
+    inputs: dict[str, list[str]]
+    outputs: dict[str, list[str]]
+    variants: dict[str, VariantInfo]
+    tokenizer_files: tuple[FileEntry, ...]
+    clean_up_tokenization_spaces: bool
+    versions: dict[str, str]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["variants"] = {k: asdict(v) for k, v in self.variants.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        try:
+            version = data["format_version"]
+        except (KeyError, TypeError):
+            raise ManifestError("manifest has no 'format_version'") from None
+        if version != FORMAT_VERSION:
+            raise ManifestError(
+                f"manifest format_version {version!r} is not supported by this runtime "
+                f"(it reads version {FORMAT_VERSION}); re-export the package or upgrade m3-runtime"
+            )
+        try:
+            variants = {}
+            for key, raw in data["variants"].items():
+                if key not in VARIANTS:
+                    raise ManifestError(f"unknown variant {key!r} (known: {', '.join(VARIANTS)})")
+                variants[key] = VariantInfo(
+                    name=key,
+                    precision=str(raw["precision"]),
+                    providers=tuple(raw["providers"]),
+                    files=tuple(FileEntry(**f) for f in raw["files"]),
+                    validation={k: float(v) for k, v in raw.get("validation", {}).items()},
+                )
+            return cls(
+                format_version=int(version),
+                model_kind=str(data["model_kind"]),
+                source=dict(data["source"]),
+                hidden_size=int(data["hidden_size"]),
+                max_length=int(data["max_length"]),
+                vocab_size=int(data["vocab_size"]),
+                special_tokens=SpecialTokens(**data["special_tokens"]),
+                inputs={k: list(v) for k, v in data["inputs"].items()},
+                outputs={k: list(v) for k, v in data["outputs"].items()},
+                variants=variants,
+                tokenizer_files=tuple(FileEntry(**f) for f in data["tokenizer_files"]),
+                clean_up_tokenization_spaces=bool(data["clean_up_tokenization_spaces"]),
+                versions=dict(data["versions"]),
+            )
+        except KeyError as exc:
+            raise ManifestError(f"manifest is missing the field {exc.args[0]!r}") from None
+        except (TypeError, ValueError, AttributeError) as exc:
+            if isinstance(exc, ManifestError):
+                raise
+            raise ManifestError(f"manifest has a malformed field: {exc}") from None
+
+
+def graph_shapes(hidden_size: int) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """Symbolic shapes written to the manifest and checked against the graph at load."""
+    inputs = {name: ["batch", "sequence"] for name in INPUT_NAMES}
+    outputs = {
+        DENSE: ["batch", str(hidden_size)],
+        SPARSE: ["batch", "sequence"],
+        COLBERT: ["batch", "sequence-1", str(hidden_size)],
+    }
+    return inputs, outputs

@@ -1,0 +1,85 @@
+"""Model package on disk: read the manifest, verify files, hash them.
+
+A package is a directory: ``manifest.json``, one ``model.<variant>.onnx`` graph per
+variant with its weights in ``model.<variant>.onnx.data`` next to it, and the
+tokenizer files. All paths in the manifest are relative, so the directory can be
+moved or copied as a whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .contract import MANIFEST_NAME, FileEntry, Manifest, ManifestError, Variant, VariantInfo
+
+_CHUNK = 8 << 20
+
+
+class PackageError(RuntimeError):
+    """A package file is missing, truncated, tampered with or unreadable."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(_CHUNK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_entry(root: Path, path: Path) -> FileEntry:
+    return FileEntry(path=path.relative_to(root).as_posix(), bytes=path.stat().st_size, sha256=sha256_file(path))
+
+
+@dataclass(frozen=True)
+class Package:
+    root: Path
+    manifest: Manifest
+
+    def variant(self, name: str) -> VariantInfo:
+        try:
+            return self.manifest.variants[name]
+        except KeyError:
+            have = ", ".join(self.manifest.variants) or "none"
+            raise PackageError(f"package {self.root} has no variant {name!r} (it has: {have})") from None
+
+    def path(self, entry: FileEntry) -> Path:
+        return self.root / entry.path
+
+    def graph_path(self, variant: Variant) -> Path:
+        return self.root / self.variant(variant).graph
+
+    def verify(self, entries: tuple[FileEntry, ...], *, full: bool = True) -> None:
+        """Check presence and size of each file; with ``full`` also its SHA-256."""
+        for entry in entries:
+            path = self.path(entry)
+            if not path.is_file():
+                raise PackageError(f"package file missing: {path}")
+            size = path.stat().st_size
+            if size != entry.bytes:
+                raise PackageError(
+                    f"package file {path} has {size} bytes, the manifest says {entry.bytes} (truncated or replaced?)"
+                )
+            if full and sha256_file(path) != entry.sha256:
+                raise PackageError(f"package file {path} does not match its SHA-256 in {MANIFEST_NAME} (modified?)")
+
+
+def load_package(root: str | Path) -> Package:
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise PackageError(f"model package not found: {root} is not a directory")
+    manifest_path = root / MANIFEST_NAME
+    if not manifest_path.is_file():
+        raise PackageError(f"{manifest_path} not found: is {root} a package written by m3-export?")
+    try:
+        data = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise PackageError(f"cannot read {manifest_path}: {exc}") from None
+    try:
+        manifest = Manifest.from_dict(data)
+    except ManifestError as exc:
+        raise PackageError(f"{manifest_path}: {exc}") from None
+    return Package(root=root, manifest=manifest)
