@@ -76,10 +76,22 @@ TEXTS: list[str] = [
 ]
 
 PAIRS: list[tuple[str, str]] = [
-    ("What is BGE M3?", "BGE M3 is an embedding model supporting dense retrieval, lexical matching and multi-vector interaction."),
-    ("What is BGE M3?", "BM25 is a bag-of-words retrieval function that ranks a set of documents based on the query terms appearing in each document"),
-    ("Defination of BM25", "BGE M3 is an embedding model supporting dense retrieval, lexical matching and multi-vector interaction."),
-    ("Defination of BM25", "BM25 is a bag-of-words retrieval function that ranks a set of documents based on the query terms appearing in each document"),
+    (
+        "What is BGE M3?",
+        "BGE M3 is an embedding model supporting dense retrieval, lexical matching and multi-vector interaction.",
+    ),
+    (
+        "What is BGE M3?",
+        "BM25 is a bag-of-words retrieval function that ranks a set of documents based on the query terms appearing in each document",
+    ),
+    (
+        "Defination of BM25",
+        "BGE M3 is an embedding model supporting dense retrieval, lexical matching and multi-vector interaction.",
+    ),
+    (
+        "Defination of BM25",
+        "BM25 is a bag-of-words retrieval function that ranks a set of documents based on the query terms appearing in each document",
+    ),
     ("什么是大熊猫？", "大熊猫是一种生活在中国山区的熊科动物，主要以竹子为食。"),
     ("fox", "Der schnelle braune Fuchs springt über den faulen Hund."),
     ("lazy dog", "The quick brown fox jumps over the lazy dog."),

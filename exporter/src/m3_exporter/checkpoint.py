@@ -63,7 +63,7 @@ def resolve_source(src: str, revision: str | None = None) -> tuple[Path, str]:
             revision=revision,
             allow_patterns=["*.json", "*.safetensors", "*.bin", "*.pt", "*.model"],
         )
-    except Exception as exc:  # noqa: BLE001 - network, auth, unknown repo: all end the same way
+    except Exception as exc:
         raise CheckpointError(f"cannot download {src} from the hub: {exc}") from None
     return Path(local), revision or "main"
 
@@ -104,14 +104,19 @@ def inspect_checkpoint(path: Path, *, source: str | None = None, revision: str =
 
         try:
             Tokenizer.from_file(str(tokenizer_json))
-        except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception
+        except Exception as exc:
             raise CheckpointError(f"cannot read tokenizer {tokenizer_json}: {exc}") from None
     elif (path / "sentencepiece.bpe.model").is_file():
         tokenizer_json = None
     else:
         raise CheckpointError(f"checkpoint {path} has no tokenizer (tokenizer.json or sentencepiece.bpe.model)")
     return Checkpoint(
-        path=path, source=source or str(path), revision=revision, config=config, weights=weights, tokenizer_json=tokenizer_json
+        path=path,
+        source=source or str(path),
+        revision=revision,
+        config=config,
+        weights=weights,
+        tokenizer_json=tokenizer_json,
     )
 
 
@@ -131,7 +136,7 @@ def load_torch_model(ckpt: Checkpoint):  # -> M3Graph; torch imported lazily so 
         file = ckpt.path / f"{name}.pt"
         try:
             state = torch.load(file, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise CheckpointError(f"cannot read {file}: {exc}") from None
         weight = state.get("weight")
         if weight is None or weight.ndim != 2 or weight.shape[1] != hidden:

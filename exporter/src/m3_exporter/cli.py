@@ -28,9 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("src", help="checkpoint folder or hub id (e.g. BAAI/bge-m3)")
     parser.add_argument("out", help="package folder to write (must be empty or absent unless --force)")
-    parser.add_argument("--variants", type=_variants, default=list(VARIANTS), help="comma-separated (default: fp32,fp16,int8)")
+    parser.add_argument(
+        "--variants", type=_variants, default=list(VARIANTS), help="comma-separated (default: fp32,fp16,int8)"
+    )
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
-    parser.add_argument("--max-length", type=int, default=None, help="longest input in tokens (default: the model's, 8192)")
+    parser.add_argument(
+        "--max-length", type=int, default=None, help="longest input in tokens (default: the model's, 8192)"
+    )
     parser.add_argument("--revision", default=None, help="hub revision (hub ids only)")
     parser.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT")

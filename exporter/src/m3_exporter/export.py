@@ -7,7 +7,8 @@ import os
 import shutil
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -40,7 +41,11 @@ from .checkpoint import (
 from .graphs import ExportError
 from .texts import VALIDATION_TEXTS
 
-PRECISION = {"fp32": "float32", "fp16": "float16 (normalisation in float32)", "int8": "int8 dynamic, per-channel weights"}
+PRECISION = {
+    "fp32": "float32",
+    "fp16": "float16 (normalisation in float32)",
+    "int8": "int8 dynamic, per-channel weights",
+}
 DEFAULT_OPSET = 18
 
 
@@ -49,18 +54,18 @@ def _say(message: str) -> None:
 
 
 class _Steps:
-    """Numbered progress lines with timings on stderr."""
+    """Numbered progress lines with timings on stderr: ``with steps("exporting"): ...``."""
 
     def __init__(self, total: int, say: Callable[[str], None]) -> None:
         self.total, self.done, self.say = total, 0, say
 
-    def __call__(self, what: str, fn: Callable[[], object]) -> object:
+    @contextmanager
+    def __call__(self, what: str) -> Iterator[None]:
         self.done += 1
         self.say(f"[{self.done}/{self.total}] {what} ...")
         start = time.perf_counter()
-        result = fn()
+        yield
         self.say(f"      done in {time.perf_counter() - start:.1f} s")
-        return result
 
 
 def _check_out(out: Path, force: bool) -> None:
@@ -92,8 +97,10 @@ def _write_tokenizer(ckpt: Checkpoint, dest: Path) -> None:
 
     try:
         AutoTokenizer.from_pretrained(ckpt.path, use_fast=True).backend_tokenizer.save(str(dest / TOKENIZER_FILE))
-    except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"cannot build tokenizer.json from {ckpt.path / 'sentencepiece.bpe.model'}: {exc}") from None
+    except Exception as exc:
+        raise CheckpointError(
+            f"cannot build tokenizer.json from {ckpt.path / 'sentencepiece.bpe.model'}: {exc}"
+        ) from None
 
 
 def _special_tokens(package: Path, tokenizer: M3Tokenizer) -> SpecialTokens:
@@ -101,7 +108,13 @@ def _special_tokens(package: Path, tokenizer: M3Tokenizer) -> SpecialTokens:
     mapping = package / "special_tokens_map.json"
     if mapping.is_file():
         data = json.loads(mapping.read_text(encoding="utf-8"))
-        for key, field in (("cls_token", "bos"), ("pad_token", "pad"), ("eos_token", "eos"), ("unk_token", "unk"), ("mask_token", "mask")):
+        for key, field in (
+            ("cls_token", "bos"),
+            ("pad_token", "pad"),
+            ("eos_token", "eos"),
+            ("unk_token", "unk"),
+            ("mask_token", "mask"),
+        ):
             value = data.get(key)
             if isinstance(value, dict):
                 value = value.get("content")
@@ -159,30 +172,26 @@ def export_package(
         _write_tokenizer(ckpt, work)
         tokenizer = M3Tokenizer(work / TOKENIZER_FILE)
         special = _special_tokens(work, tokenizer)
-        model = steps(f"loading {src} in PyTorch", lambda: load_torch_model(ckpt))
         ids = tokenizer.encode(list(VALIDATION_TEXTS), min(max_length, 512))
-        reference = (
-            steps("running PyTorch on the validation texts", lambda: validate.torch_outputs(model, ids, special.pad))
-            if validate_variants
-            else None
-        )
         fp32 = work / graph_file("fp32")
-        steps(f"exporting fp32 (opset {opset}, dynamic batch and sequence <= {max_length})",
-              lambda: graphs.export_graph(model, fp32, opset=opset, max_length=max_length))
-        if "fp16" in variants:
-            steps("exporting fp16", lambda: graphs.export_fp16(model, work / graph_file("fp16"), opset=opset, max_length=max_length))
-        del model
+        reference = _export_from_torch(
+            ckpt, work, variants, ids, special.pad, steps, opset, max_length, validate_variants
+        )
 
         infos: dict[str, VariantInfo] = {}
         for variant in ("fp32", "fp16", "int8"):
-            if variant not in variants:
+            # fp32 is always checked: the other variants are made from it or beside it.
+            if variant not in variants and variant != "fp32":
                 continue
             target = work / graph_file(variant)  # type: ignore[arg-type]
             if variant == "int8":
-                steps("quantizing to int8", lambda: graphs.quantize_int8(fp32, target))
+                with steps("quantizing to int8"):
+                    graphs.quantize_int8(fp32, target)
             metrics: dict[str, float] = {}
             if reference is not None:
-                metrics = validate.compare(reference, validate.onnx_outputs(target, ids, special.pad), special.unused_for_sparse)
+                metrics = validate.compare(
+                    reference, validate.onnx_outputs(target, ids, special.pad), special.unused_for_sparse
+                )
                 say(f"      {variant} vs PyTorch: " + ", ".join(f"{k} {v:.3g}" for k, v in metrics.items()))
                 if variant == "fp32" and validate.max_abs(metrics) > validate.FP32_TOLERANCE:
                     raise ExportError(
@@ -191,12 +200,15 @@ def export_package(
                     )
                 if metrics["nan"]:
                     raise ExportError(f"{variant} graph produced NaN on the validation texts; not written")
+            if variant not in variants:
+                continue
             infos[variant] = VariantInfo(
                 name=variant,  # type: ignore[arg-type]
                 precision=PRECISION[variant],
                 providers=PROVIDERS_FOR_VARIANT[variant],  # type: ignore[index]
                 files=(file_entry(work, target), file_entry(work, work / data_file(variant))),  # type: ignore[arg-type]
                 validation=metrics,
+                dynamic_activations=variant == "int8",
             )
         if "fp32" not in variants:
             fp32.unlink()
@@ -204,7 +216,9 @@ def export_package(
 
         inputs, outputs = graph_shapes(ckpt.hidden_size)
         tokenizer_files = tuple(
-            file_entry(work, work / name) for name in (TOKENIZER_FILE, *TOKENIZER_EXTRA_FILES) if (work / name).is_file()
+            file_entry(work, work / name)
+            for name in (TOKENIZER_FILE, *TOKENIZER_EXTRA_FILES)
+            if (work / name).is_file()
         )
         manifest = Manifest(
             format_version=FORMAT_VERSION,
@@ -226,7 +240,9 @@ def export_package(
             clean_up_tokenization_spaces=_clean_up_flag(work),
             versions=_versions() | {"opset": str(opset)},
         )
-        (work / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (work / MANIFEST_NAME).write_text(
+            json.dumps(manifest.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
         if out.exists():
             shutil.rmtree(out)  # only reached with force (checked above)
         work.rename(out)
@@ -237,9 +253,35 @@ def export_package(
     return manifest
 
 
+def _export_from_torch(
+    ckpt: Checkpoint,
+    work: Path,
+    variants: Sequence[str],
+    ids: list[list[int]],
+    pad_id: int,
+    steps: _Steps,
+    opset: int,
+    max_length: int,
+    run_reference: bool,
+) -> validate.Outputs | None:
+    """The PyTorch part: load, reference outputs, fp32 and fp16 graphs. The model is freed on return."""
+    with steps(f"loading {ckpt.source} in PyTorch"):
+        model = load_torch_model(ckpt)
+    reference = None
+    if run_reference:
+        with steps("running PyTorch on the validation texts"):
+            reference = validate.torch_outputs(model, ids, pad_id)
+    with steps(f"exporting fp32 (opset {opset}, dynamic batch and sequence <= {max_length})"):
+        graphs.export_graph(model, work / graph_file("fp32"), opset=opset, max_length=max_length)
+    if "fp16" in variants:
+        with steps("exporting fp16"):
+            graphs.export_fp16(model, work / graph_file("fp16"), opset=opset, max_length=max_length)
+    return reference
+
+
 def _size(root: Path, variant: str) -> str:
     total = sum((root / f).stat().st_size for f in (graph_file(variant), data_file(variant)))  # type: ignore[arg-type]
     return f"{total / 1e6:.1f} MB"
 
 
-__all__ = ["export_package", "CheckpointError", "ExportError"]
+__all__ = ["CheckpointError", "ExportError", "export_package"]

@@ -7,7 +7,6 @@ import warnings
 from pathlib import Path
 
 import onnx
-
 from m3_runtime.contract import INPUT_NAMES, OUTPUT_NAMES
 
 
@@ -23,9 +22,7 @@ def save_graph(model: onnx.ModelProto, path: Path) -> None:
     """
     location = path.name + ".data"  # == contract.data_file(variant) for model.<variant>.onnx
     (path.parent / location).unlink(missing_ok=True)
-    onnx.save_model(
-        model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location
-    )
+    onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location)
 
 
 def export_graph(model, path: Path, *, opset: int, max_length: int) -> None:
@@ -63,7 +60,9 @@ def check_interface(path: Path) -> None:
     inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
     outputs = [o.name for o in model.graph.output]
     if list(inputs) != list(INPUT_NAMES) or outputs != list(OUTPUT_NAMES):
-        raise ExportError(f"{path}: expected inputs {INPUT_NAMES} and outputs {OUTPUT_NAMES}, got {list(inputs)} and {outputs}")
+        raise ExportError(
+            f"{path}: expected inputs {INPUT_NAMES} and outputs {OUTPUT_NAMES}, got {list(inputs)} and {outputs}"
+        )
     for name, dims in inputs.items():
         if len(dims) != 2 or not all(isinstance(d, str) and d for d in dims):
             raise ExportError(f"{path}: input {name} has dims {dims}; batch and sequence must be dynamic")

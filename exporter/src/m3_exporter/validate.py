@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from m3_runtime.batching import pad_batch
 from m3_runtime.contract import INPUT_NAMES, OUTPUT_NAMES
 from m3_runtime.scoring import colbert_score, lexical_weights

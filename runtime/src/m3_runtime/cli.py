@@ -41,7 +41,9 @@ def cmd_encode(args: argparse.Namespace) -> None:
             row["dense"] = out["dense_vecs"][i].tolist()
         if sparse:
             weights = out["lexical_weights"][i]
-            row["sparse"] = {model.tokenizer.decode_one(int(k)): w for k, w in weights.items()} if args.tokens else weights
+            row["sparse"] = (
+                {model.tokenizer.decode_one(int(k)): w for k, w in weights.items()} if args.tokens else weights
+            )
         if colbert:
             row["colbert"] = out["colbert_vecs"][i].tolist()
         print(json.dumps(row, ensure_ascii=False))
@@ -90,7 +92,10 @@ def cmd_info(args: argparse.Namespace) -> None:
         lines.append(f"  {name:5} {size:9.1f} MB  {info.precision}; for {', '.join(info.providers)}")
         if info.validation:
             shown = ("dense_cos_min", "dense_max_abs", "sparse_max_abs", "colbert_max_abs", "sparse_top10_overlap")
-            lines.append("        vs PyTorch: " + ", ".join(f"{k} {info.validation[k]:.3g}" for k in shown if k in info.validation))
+            lines.append(
+                "        vs PyTorch: "
+                + ", ".join(f"{k} {info.validation[k]:.3g}" for k in shown if k in info.validation)
+            )
     lines.append("built with   " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
     lines.append(f"providers    {', '.join(providers)} (this ONNX Runtime)")
     lines.append(f"default      {default_variant(list(m.variants), providers)} on this machine")
@@ -132,7 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    args, _ = parser.parse_known_args(argv)
+    # Texts may come after options ("m3 encode PKG --sparse hello world"): parse the
+    # subcommand's own arguments intermixed, which argparse only allows without subparsers.
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    args = sub.choices[args.command].parse_intermixed_args(argv[argv.index(args.command) + 1 :])
     try:
         args.func(args)
     except (PackageError, ValueError, TypeError, ImportError) as exc:

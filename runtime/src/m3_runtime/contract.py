@@ -67,6 +67,9 @@ class VariantInfo:
     providers: tuple[str, ...]
     files: tuple[FileEntry, ...]
     validation: dict[str, float] = field(default_factory=dict)
+    # Activations quantized with one scale per run (dynamic int8): a text's result then
+    # depends on the other texts and the padding in its batch.
+    dynamic_activations: bool = False
 
     @property
     def graph(self) -> str:
@@ -130,6 +133,7 @@ class Manifest:
                     providers=tuple(raw["providers"]),
                     files=tuple(FileEntry(**f) for f in raw["files"]),
                     validation={k: float(v) for k, v in raw.get("validation", {}).items()},
+                    dynamic_activations=bool(raw.get("dynamic_activations", False)),
                 )
             return cls(
                 format_version=int(version),

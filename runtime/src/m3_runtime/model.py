@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
 
@@ -17,7 +17,7 @@ from .session import CPU, GPU_PROVIDERS, SessionConfig, available_providers, cre
 from .tokenize import M3Tokenizer
 
 EncodeResult = dict[str, Any]
-Texts = Union[str, Sequence[str]]
+Texts = str | Sequence[str]
 
 
 @dataclass
@@ -32,7 +32,11 @@ class _Encoded:
 def _as_texts(sentences: object, name: str) -> tuple[list[str], bool]:
     if isinstance(sentences, str):
         return [sentences], True
-    if isinstance(sentences, (bytes, bytearray)) or not isinstance(sentences, Iterable) or isinstance(sentences, Mapping):
+    if (
+        isinstance(sentences, (bytes, bytearray))
+        or not isinstance(sentences, Iterable)
+        or isinstance(sentences, Mapping)
+    ):
         raise TypeError(f"{name} must be a str or a list of str, got {type(sentences).__name__}")
     texts = list(sentences)
     for i, text in enumerate(texts):
@@ -53,9 +57,15 @@ class M3Model:
             the variant is built for that this ONNX Runtime has, then the CPU.
         batch_size: most texts per forward pass (FlagEmbedding 1.4's default, 256).
         max_batch_tokens: most padded tokens (rows x longest row) per forward pass.
-        query_max_length: truncation for ``encode_queries`` and scored queries.
+        query_max_length: truncation for ``encode_queries`` and scored queries; ``None``
+            uses 512 (FlagEmbedding's default), or the package's maximum if lower.
         passage_max_length: truncation for ``encode``/``encode_corpus`` and scored
             passages; ``None`` uses the package's maximum (8192 for BGE-M3).
+        exact_batches: for variants that quantize activations per run (dynamic int8, whose
+            scale is taken over the whole batch, padding included), run each text alone
+            so its result never depends on its batch companions. ``False`` batches them
+            like the other variants: faster on short texts, but results then move by up
+            to ~1e-2 with the batch.
         verify: check each package file's SHA-256 at load (sizes are always checked).
         device_id, cache_dir, intra_op_threads: provider settings; TensorRT engine and
             timing caches go under ``cache_dir`` (default ``~/.cache/m3-runtime``).
@@ -69,8 +79,9 @@ class M3Model:
         *,
         batch_size: int = 256,
         max_batch_tokens: int = 16384,
-        query_max_length: int = 512,
+        query_max_length: int | None = None,
         passage_max_length: int | None = None,
+        exact_batches: bool = True,
         verify: bool = True,
         device_id: int = 0,
         cache_dir: str | Path | None = None,
@@ -79,7 +90,9 @@ class M3Model:
         self.package = load_package(package_dir)
         manifest = self.package.manifest
         have = available_providers()
-        self.variant: Variant = variant or default_variant(list(manifest.variants), list(providers) if providers else have)
+        self.variant: Variant = variant or default_variant(
+            list(manifest.variants), list(providers) if providers else have
+        )
         info = self.package.variant(self.variant)
         self.package.verify(manifest.tokenizer_files + info.files, full=verify)
 
@@ -87,11 +100,15 @@ class M3Model:
         self.hidden_size = manifest.hidden_size
         self.batch_size = self._check_positive(batch_size, "batch_size")
         self.max_batch_tokens = self._check_positive(max_batch_tokens, "max_batch_tokens")
-        self.query_max_length = self._check_length(query_max_length, "query_max_length")
+        self.query_max_length = self._check_length(
+            min(512, self.max_length) if query_max_length is None else query_max_length, "query_max_length"
+        )
         self.passage_max_length = self._check_length(
             self.max_length if passage_max_length is None else passage_max_length, "passage_max_length"
         )
         self.special = manifest.special_tokens
+        # Most texts per ONNX Runtime call whatever batch_size a call asks for (None: no cap).
+        self._rows_cap: int | None = 1 if (exact_batches and info.dynamic_activations) else None
         self.tokenizer = M3Tokenizer(
             self.package.root / TOKENIZER_FILE, clean_up_tokenization_spaces=manifest.clean_up_tokenization_spaces
         )
@@ -110,8 +127,8 @@ class M3Model:
         graph = self.package.graph_path(self.variant)
         cache_key = next(f.sha256[:16] for f in info.files if f.path == info.graph)
         self.session, self.providers = create_session(graph, wanted, config, cache_key=cache_key)
-        if "TensorrtExecutionProvider" in self.providers:
-            self.batch_size = min(self.batch_size, config.trt_max_batch)  # stay inside the TensorRT profile
+        if "TensorrtExecutionProvider" in self.providers:  # stay inside the TensorRT shape profile
+            self._rows_cap = min(self._rows_cap or config.trt_max_batch, config.trt_max_batch)
         self._check_graph(graph)
 
     # -- checks ---------------------------------------------------------------
@@ -123,7 +140,9 @@ class M3Model:
 
     def _check_length(self, value: int, name: str) -> int:
         if not isinstance(value, int) or isinstance(value, bool) or not 2 <= value <= self.max_length:
-            raise ValueError(f"{name} must be an integer in 2..{self.max_length} (the package's maximum), got {value!r}")
+            raise ValueError(
+                f"{name} must be an integer in 2..{self.max_length} (the package's maximum), got {value!r}"
+            )
         return value
 
     def _check_graph(self, graph: Path) -> None:
@@ -141,7 +160,7 @@ class M3Model:
     def _run(self, names: list[str], input_ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
         try:
             return self.session.run(names, {INPUT_NAMES[0]: input_ids, INPUT_NAMES[1]: mask})
-        except Exception as exc:  # noqa: BLE001 - surface ORT failures with the batch shape
+        except Exception as exc:
             raise RuntimeError(f"ONNX Runtime failed on a batch of shape {input_ids.shape}: {exc}") from None
 
     def _encode(
@@ -169,6 +188,8 @@ class M3Model:
         ids = self.tokenizer.encode(texts, max_length)
         names = [name for name, on in ((DENSE, dense), (SPARSE, sparse), (COLBERT, colbert)) if on]
         unused = self.special.unused_for_sparse
+        if self._rows_cap is not None:
+            batch_size = min(batch_size, self._rows_cap)
         for batch in plan_batches([len(x) for x in ids], batch_size=batch_size, max_tokens=self.max_batch_tokens):
             input_ids, mask = pad_batch([ids[i] for i in batch], self.special.pad)
             results = dict(zip(names, self._run(names, input_ids, mask), strict=True))
@@ -269,9 +290,11 @@ class M3Model:
         if (weights[0] + weights[1]) == 0 or sum(weights) == 0:
             raise ValueError(f"weights_for_different_modes must not sum to zero, got {weights!r}")
         single = (
-            isinstance(sentence_pairs, (tuple, list)) and len(sentence_pairs) == 2 and isinstance(sentence_pairs[0], str)
+            isinstance(sentence_pairs, (tuple, list))
+            and len(sentence_pairs) == 2
+            and isinstance(sentence_pairs[0], str)
         )
-        pairs = [sentence_pairs] if single else list(sentence_pairs)  # type: ignore[list-item]
+        pairs: list[Any] = [sentence_pairs] if single else list(sentence_pairs)
         for i, pair in enumerate(pairs):
             if not isinstance(pair, (tuple, list)) or len(pair) != 2:
                 raise TypeError(f"sentence_pairs[{i}] must be a (query, passage) pair, got {pair!r:.80}")
@@ -279,9 +302,14 @@ class M3Model:
                 if not isinstance(text, str):
                     raise TypeError(f"sentence_pairs[{i}][{j}] is {type(text).__name__}, expected str")
         batch_size = self.batch_size if batch_size is None else self._check_positive(batch_size, "batch_size")
-        kwargs = {"batch_size": batch_size, "dense": True, "sparse": True, "colbert": True}
-        q = self._encode([p[0] for p in pairs], max_length=self.query_max_length if max_query_length is None else max_query_length, **kwargs)
-        p = self._encode([p[1] for p in pairs], max_length=self.passage_max_length if max_passage_length is None else max_passage_length, **kwargs)
+        q_len = self.query_max_length if max_query_length is None else max_query_length
+        p_len = self.passage_max_length if max_passage_length is None else max_passage_length
+        q = self._encode(
+            [x[0] for x in pairs], batch_size=batch_size, max_length=q_len, dense=True, sparse=True, colbert=True
+        )
+        p = self._encode(
+            [x[1] for x in pairs], batch_size=batch_size, max_length=p_len, dense=True, sparse=True, colbert=True
+        )
         assert q.dense is not None and p.dense is not None and q.lexical is not None and p.lexical is not None
         assert q.colbert is not None and p.colbert is not None
         scores = scoring.combine_scores(

@@ -128,7 +128,9 @@ def paired_colbert_scores(queries: Sequence[np.ndarray], passages: Sequence[np.n
     return out
 
 
-def combine_scores(dense: np.ndarray, sparse: np.ndarray, colbert: np.ndarray, weights: Sequence[float]) -> dict[str, list[float]]:
+def combine_scores(
+    dense: np.ndarray, sparse: np.ndarray, colbert: np.ndarray, weights: Sequence[float]
+) -> dict[str, list[float]]:
     """The five ``compute_score`` lists from the three per-pair scores."""
     w0, w1, w2 = (float(w) for w in weights)
     return {

@@ -52,7 +52,7 @@ def default_variant(available_variants: list[str], providers: list[str] | None =
         return "fp16"
     for name in ("int8", "fp32", "fp16"):
         if name in available_variants:
-            return name  # type: ignore[return-value]
+            return name
     raise ValueError("package has no variants")
 
 
@@ -116,7 +116,7 @@ def create_session(
     wanted = [p for p in providers if p in have]
     missing = [p for p in providers if p not in have]
     if missing:
-        _warn_once(f"ONNX Runtime here has no {', '.join(missing)}; using {', '.join(wanted + [CPU])}")
+        _warn_once(f"ONNX Runtime here has no {', '.join(missing)}; using {', '.join([*wanted, CPU])}")
     if CPU not in wanted:
         wanted.append(CPU)
 
@@ -131,13 +131,13 @@ def create_session(
     provider_list = [(p, _provider_options(p, config, cache_dir)) for p in wanted]
     try:
         session = ort.InferenceSession(str(graph), sess_options=options, providers=provider_list)
-    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types per build
+    except Exception as exc:
         if wanted == [CPU]:
             raise RuntimeError(f"ONNX Runtime cannot load {graph}: {exc}") from None
         _warn_once(f"{wanted[0]} failed to start ({exc}); falling back to {CPU}")
         try:
             session = ort.InferenceSession(str(graph), sess_options=options, providers=[CPU])
-        except Exception as exc2:  # noqa: BLE001
+        except Exception as exc2:
             raise RuntimeError(f"ONNX Runtime cannot load {graph}: {exc2}") from None
     used = list(session.get_providers())
     if wanted[0] != CPU and used[0] != wanted[0]:

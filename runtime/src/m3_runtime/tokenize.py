@@ -16,15 +16,25 @@ from tokenizers import Tokenizer
 
 # transformers' ``clean_up_tokenization`` (applied by decode when the tokenizer config
 # sets ``clean_up_tokenization_spaces``).
-_CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
-             (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+_CLEANUPS = (
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
+)
 
 
 class M3Tokenizer:
     def __init__(self, tokenizer_json: Path, *, clean_up_tokenization_spaces: bool = False) -> None:
         try:
             self._tok = Tokenizer.from_file(str(tokenizer_json))
-        except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception
+        except Exception as exc:
             raise ValueError(f"cannot read tokenizer {tokenizer_json}: {exc}") from None
         self._tok.no_truncation()
         self._tok.no_padding()

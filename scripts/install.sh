@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Create .venv and install the runtime and the exporter (plus test tools with --dev).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
+"${pip[@]}" install --upgrade pip
+# torch first and pinned: a bare `torch` requirement with no torch installed pulls a
+# CUDA build of several GB.
+"${pip[@]}" install torch==2.13.0
+extras=()
+if [ "${1:-}" = "--dev" ]; then
+  extras=(pytest ruff mypy)
+fi
+"${pip[@]}" install -c scripts/constraints.txt -e "./runtime[cpu]" -e ./exporter "${extras[@]}"

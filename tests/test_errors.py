@@ -1,0 +1,135 @@
+"""Bad input gets a clear error naming the problem; odd but valid input works."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from m3_runtime import M3Model, PackageError
+
+
+def test_empty_list_gives_empty_outputs(fp32):
+    out = fp32.encode([], return_dense=True, return_sparse=True, return_colbert_vecs=True)
+    assert out["dense_vecs"].shape == (0, fp32.hidden_size)
+    assert out["lexical_weights"] == [] and out["colbert_vecs"] == []
+    scores = fp32.compute_score([])
+    assert all(v == [] for v in scores.values()) and len(scores) == 5
+
+
+def test_empty_string_is_a_text(fp32):
+    out = fp32.encode("", return_dense=True, return_sparse=True, return_colbert_vecs=True)
+    assert out["dense_vecs"].shape == (fp32.hidden_size,)
+    assert np.isclose(np.linalg.norm(out["dense_vecs"]), 1.0, atol=1e-5)
+    assert out["colbert_vecs"].shape == (1, fp32.hidden_size)  # </s>
+    assert out["lexical_weights"] == {}
+
+
+@pytest.mark.parametrize("bad, index", [(["ok", None], 1), (["ok", "fine", 3], 2), ([b"bytes"], 0)])
+def test_non_string_item_names_its_index(fp32, bad, index):
+    with pytest.raises(TypeError, match=rf"sentences\[{index}\]"):
+        fp32.encode(bad)
+
+
+def test_non_list_input(fp32):
+    with pytest.raises(TypeError, match="str or a list of str"):
+        fp32.encode(42)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"max_length": 1}, "max_length"),
+        ({"max_length": 9000}, "max_length"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"return_dense": False}, "at least one"),
+    ],
+)
+def test_bad_arguments(fp32, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fp32.encode(["x"], **kwargs)
+
+
+def test_bad_score_arguments(fp32):
+    with pytest.raises(ValueError, match="weights_for_different_modes"):
+        fp32.compute_score([("a", "b")], weights_for_different_modes=[1, 2])
+    with pytest.raises(TypeError, match=r"sentence_pairs\[1\]\[0\]"):
+        fp32.compute_score([("a", "b"), (None, "c")])
+    with pytest.raises(TypeError, match=r"sentence_pairs\[0\]"):
+        fp32.compute_score([("a", "b", "c")])
+
+
+def test_long_input_is_truncated_not_refused(fp32):
+    out = fp32.encode("word " * 20000, return_colbert_vecs=True)
+    assert out["colbert_vecs"].shape == (8191, fp32.hidden_size)
+
+
+@pytest.fixture()
+def copy(package_dir, tmp_path):
+    dest = tmp_path / "pkg"
+    shutil.copytree(package_dir, dest)
+    return dest
+
+
+def test_missing_file_is_named(copy):
+    (copy / "model.int8.onnx.data").unlink()
+    with pytest.raises(PackageError, match=r"missing: .*model\.int8\.onnx\.data"):
+        M3Model(copy, variant="int8")
+
+
+def test_truncated_file_is_named(copy):
+    data = copy / "model.fp32.onnx.data"
+    data.write_bytes(data.read_bytes()[:1000])
+    with pytest.raises(PackageError, match=r"model\.fp32\.onnx\.data has 1000 bytes"):
+        M3Model(copy, variant="fp32")
+
+
+def test_tampered_file_is_named(copy):
+    data = copy / "model.fp32.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(PackageError, match=r"model\.fp32\.onnx\.data does not match its SHA-256"):
+        M3Model(copy, variant="fp32")
+    M3Model(copy, variant="int8")  # other variants are unaffected
+
+
+def test_tampered_tokenizer_is_named(copy):
+    tok = copy / "tokenizer.json"
+    tok.write_text(tok.read_text(encoding="utf-8").replace('"<unk>"', '"<UNK>"', 1), encoding="utf-8")
+    with pytest.raises(PackageError, match=r"tokenizer\.json"):
+        M3Model(copy, variant="fp32")
+
+
+def test_unknown_format_version_is_refused(copy):
+    manifest = copy / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["format_version"] = 99
+    manifest.write_text(json.dumps(data))
+    with pytest.raises(PackageError, match=r"manifest\.json: manifest format_version 99 is not supported"):
+        M3Model(copy)
+
+
+def test_broken_manifest_is_named(copy):
+    (copy / "manifest.json").write_text("{not json")
+    with pytest.raises(PackageError, match=r"cannot read .*manifest\.json"):
+        M3Model(copy)
+    (copy / "manifest.json").unlink()
+    with pytest.raises(PackageError, match=r"manifest\.json not found"):
+        M3Model(copy)
+
+
+def test_missing_variant_and_package(copy, tmp_path):
+    data = json.loads((copy / "manifest.json").read_text())
+    del data["variants"]["fp16"]
+    (copy / "manifest.json").write_text(json.dumps(data))
+    with pytest.raises(PackageError, match=r"no variant 'fp16' .*fp32, int8"):
+        M3Model(copy, variant="fp16")
+    with pytest.raises(PackageError, match="not a directory"):
+        M3Model(tmp_path / "nowhere")
+
+
+def test_convert_id_to_token_rejects_non_ids(fp32):
+    with pytest.raises(ValueError, match="not a token id"):
+        fp32.convert_id_to_token({"hello": 1.0})
