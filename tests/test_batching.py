@@ -26,12 +26,20 @@ def _assert_same(a, b, atol=1e-5):
         np.testing.assert_allclose(list(x.values()), list(y.values()), atol=atol, rtol=0)
 
 
-@pytest.mark.parametrize("variant", ["fp32", "int8"])
-def test_batch_size_invariance(package_dir, texts, variant):
-    model = M3Model(package_dir, variant=variant)
+@pytest.mark.parametrize("variant, pad", [("fp32", False), ("fp32", True), ("int8", False), ("int8", True)])
+def test_batch_size_invariance(package_dir, texts, variant, pad):
+    """Padded batches take the masked attention kernel, unpadded ones the flash kernel: same numbers."""
+    model = M3Model(package_dir, variant=variant, pad_batches=pad)
     one = _encode(model, texts, batch_size=1)
     for batch_size in (3, 256):
         _assert_same(one, _encode(model, texts, batch_size=batch_size))
+
+
+def test_padded_and_unpadded_batches_agree(package_dir, texts):
+    padded = M3Model(package_dir, variant="fp32", pad_batches=True)
+    unpadded = M3Model(package_dir, variant="fp32", pad_batches=False)
+    assert unpadded.pad_batches is False  # the CPU default
+    _assert_same(_encode(padded, texts), _encode(unpadded, texts))
 
 
 def test_token_budget_invariance(package_dir, texts):
@@ -72,6 +80,15 @@ def test_plan_batches_respects_both_bounds():
         longest = max(lengths[i] for i in b)
         assert len(b) == 1 or len(b) * longest <= 256
     assert [lengths[i] for i in flat] == sorted(lengths, reverse=True)
+
+
+def test_plan_batches_without_padding_groups_equal_lengths():
+    lengths = [5, 7, 7, 7, 5, 9, 7, 1]
+    batches = plan_batches(lengths, batch_size=2, max_tokens=1000, pad=False)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
+    for b in batches:
+        assert len({lengths[i] for i in b}) == 1 and len(b) <= 2
+    assert [len(b) for b in batches] == [1, 2, 2, 2, 1]  # 9 | 7 7 | 7 7 | 5 5 | 1
 
 
 def test_plan_batches_rejects_bad_bounds():

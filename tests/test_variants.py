@@ -108,3 +108,18 @@ def test_manifest_records_validation_of_every_variant(package_dir):
     for info in manifest.variants.values():
         assert info.validation["nan"] == 0
         assert 0.9 <= info.validation["dense_cos_min"] <= 1.0 + 1e-6
+
+
+def test_cpu_variants_are_fused_gpu_variant_is_plain(package_dir):
+    """fp32/int8 carry com.microsoft fusions and the flash-path If; fp16 stays plain ONNX for TensorRT."""
+    import onnx
+
+    def ops(variant: str) -> set[tuple[str, str]]:
+        model = onnx.load(str(package_dir / f"model.{variant}.onnx"), load_external_data=False)
+        return {(n.domain or "ai.onnx", n.op_type) for n in model.graph.node}
+
+    for variant in ("fp32", "int8"):
+        found = ops(variant)
+        assert ("com.microsoft", "SkipLayerNormalization") in found and ("ai.onnx", "If") in found, variant
+        assert ("ai.onnx", "Softmax") not in found  # attention is inside MultiHeadAttention
+    assert all(domain == "ai.onnx" for domain, _ in ops("fp16"))

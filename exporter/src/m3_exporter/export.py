@@ -164,7 +164,7 @@ def export_package(
     if not 2 <= max_length <= limit:
         raise ValueError(f"--max-length must be in 2..{limit} for {src} (max_position_embeddings), got {max_length}")
 
-    steps = _Steps(2 + validate_variants + ("fp16" in variants) + ("int8" in variants), say)
+    steps = _Steps(3 + validate_variants + ("fp16" in variants) + ("int8" in variants), say)
     work = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -273,6 +273,9 @@ def _export_from_torch(
             reference = validate.torch_outputs(model, ids, pad_id)
     with steps(f"exporting fp32 (opset {opset}, dynamic batch and sequence <= {max_length})"):
         graphs.export_graph(model, work / graph_file("fp32"), opset=opset, max_length=max_length)
+    with steps("fusing fp32 for CPU (MultiHeadAttention with a flash path, SkipLayerNorm, BiasGelu)"):
+        counts = graphs.fuse_for_cpu(work / graph_file("fp32"))
+        steps.say("      fusions: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     if "fp16" in variants:
         with steps("exporting fp16"):
             graphs.export_fp16(model, work / graph_file("fp16"), opset=opset, max_length=max_length)

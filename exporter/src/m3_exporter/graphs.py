@@ -80,6 +80,16 @@ def export_fp16(model, path: Path, *, opset: int, max_length: int) -> None:
     export_graph(model.half(), path, opset=opset, max_length=max_length)
 
 
+def fuse_for_cpu(path: Path) -> dict[str, int]:
+    """Replace the graph at ``path`` by its CPU-fused form (see ``fusion``); returns fusion counts."""
+    from .fusion import optimize_for_cpu
+
+    fused, counts = optimize_for_cpu(onnx.load(str(path)))
+    save_graph(fused, path)
+    check_interface(path)
+    return counts
+
+
 def quantize_int8(fp32_path: Path, path: Path) -> None:
     """Dynamic int8: per-channel int8 weights of every MatMul, activations quantized at run time.
 
@@ -89,15 +99,21 @@ def quantize_int8(fp32_path: Path, path: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tmp = path.with_name(path.name + ".tmp")
-    quantize_dynamic(
-        str(fp32_path),
-        str(tmp),
-        per_channel=True,
-        reduce_range=False,
-        weight_type=QuantType.QInt8,
-        op_types_to_quantize=["MatMul"],
-        use_external_data_format=True,
-    )
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # quantize_dynamic logs a pre-processing hint to the root logger
+    try:
+        quantize_dynamic(
+            str(fp32_path),
+            str(tmp),
+            per_channel=True,
+            reduce_range=False,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul"],
+            use_external_data_format=True,
+        )
+    finally:
+        root.setLevel(level)
     save_graph(onnx.load(str(tmp)), path)
     tmp.unlink()
     for leftover in tmp.parent.glob(tmp.name + "*"):

@@ -1,9 +1,12 @@
 """Batch planning and padding: pure functions, no ONNX Runtime.
 
-GEMMs reach full speed at ~128 rows on CPUs, so padding is pure waste: texts are
-sorted longest first and packed into batches bounded both by ``batch_size`` and by
-a budget of padded tokens (rows x longest row). A text longer than the budget runs
-alone, unpadded.
+Texts are sorted longest first and packed into batches bounded both by
+``batch_size`` and by a budget of padded tokens (rows x longest row). A text longer
+than the budget runs alone, unpadded. On CPUs padding is worse than waste: a padded
+batch needs the masked attention kernel, and on the full-size model (2 vCPUs,
+fp32) texts run one per call were 2x faster than padded batches (295 against 152
+tokens/s on queries, 370 against 188 on passages), so the CPU default is to batch
+only texts of equal length (``pad=False``).
 """
 
 from __future__ import annotations
@@ -13,8 +16,12 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def plan_batches(lengths: Sequence[int], *, batch_size: int, max_tokens: int) -> list[np.ndarray]:
-    """Indices of each batch, longest texts first; every index appears exactly once."""
+def plan_batches(lengths: Sequence[int], *, batch_size: int, max_tokens: int, pad: bool = True) -> list[np.ndarray]:
+    """Indices of each batch, longest texts first; every index appears exactly once.
+
+    With ``pad=False`` a batch only holds texts of one length: nothing is padded, and
+    the graph takes its mask-free (flash) attention path.
+    """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if max_tokens < 1:
@@ -27,6 +34,9 @@ def plan_batches(lengths: Sequence[int], *, batch_size: int, max_tokens: int) ->
     while start < n:
         longest = int(lengths_arr[order[start]])
         rows = max(1, min(batch_size, max_tokens // max(longest, 1), n - start))
+        if not pad:
+            same = int(np.searchsorted(-lengths_arr[order[start : start + rows]], -longest, side="right"))
+            rows = max(1, same)
         batches.append(order[start : start + rows])
         start += rows
     return batches

@@ -1,0 +1,289 @@
+"""CPU benchmark: FlagEmbedding fp32 against each runtime variant, in one run, same texts.
+
+    python benchmarks/run.py [--variants fp32,int8] [--queries 64] [--passages 16]
+                             [--no-long] [--no-flag] [--json benchmarks/results.json]
+
+What it does:
+1. builds, once, a full-size BGE-M3 checkpoint with random weights
+   (``benchmarks/full_checkpoint.py``) and exports it with ``m3-export``
+   (both cached under ``benchmarks/.cache``);
+2. makes three workloads from ``models/source/multilingual.txt``: short queries
+   (5-20 words), passages (120-250 words) and one text of 8,192 tokens;
+3. runs every engine on every workload in a fresh subprocess (so peak RSS is the
+   workload's own), all three outputs requested: FlagEmbedding 1.4 fp32 on PyTorch
+   (when importable) and ``M3Model`` for each variant;
+4. prints tokens/s, the ratio to FlagEmbedding, load time, peak RSS (and, for the
+   long text, peak minus the RSS after loading, i.e. activation memory), and each
+   variant's fidelity against the fp32 variant; writes everything as JSON.
+
+Timings are one pass after one warm-up call. Never run two benchmarks at once on
+a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+CACHE = HERE / ".cache"
+CORPUS = ROOT / "models" / "source" / "multilingual.txt"
+WORKLOADS = ("queries", "passages", "long")
+
+
+# -- workloads ------------------------------------------------------------------
+def make_texts(n_queries: int, n_passages: int) -> dict[str, list[str]]:
+    rng = np.random.default_rng(0)
+    words = " ".join(CORPUS.read_text(encoding="utf-8").split("\n")).split()
+    # CJK/Thai lines have no spaces: each "word" there is a sentence, which keeps the
+    # word counts honest for the space-separated majority of the corpus.
+
+    def window(lo: int, hi: int) -> str:
+        n = int(rng.integers(lo, hi + 1))
+        start = int(rng.integers(0, len(words) - n))
+        return " ".join(words[start : start + n])
+
+    return {
+        "queries": [window(5, 20) for _ in range(n_queries)],
+        "passages": [window(120, 250) for _ in range(n_passages)],
+        "long": [" ".join(words * 8)],  # well over 8192 tokens; truncated to 8192 by both engines
+    }
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# -- worker (one engine, one workload, own process) -------------------------------
+def worker(engine: str, workload: str, texts_file: Path, checkpoint: Path, package: Path, out: Path) -> None:
+    texts = json.loads(texts_file.read_text(encoding="utf-8"))[workload]
+    max_length = 8192
+    start = time.perf_counter()
+    if engine == "flagembedding":
+        from FlagEmbedding import BGEM3FlagModel
+
+        model = BGEM3FlagModel(str(checkpoint), use_fp16=False, devices="cpu")
+        tokenizer = model.tokenizer
+
+        def n_tokens(batch: list[str]) -> int:
+            return sum(len(x) for x in tokenizer(batch, truncation=True, max_length=max_length)["input_ids"])
+
+        def encode(batch: list[str]):
+            return model.encode(
+                batch,
+                batch_size=256,
+                max_length=max_length,
+                return_dense=True,
+                return_sparse=True,
+                return_colbert_vecs=True,
+            )
+    else:
+        from m3_runtime import M3Model
+
+        model = M3Model(package, variant=engine)  # type: ignore[assignment]
+
+        def n_tokens(batch: list[str]) -> int:
+            return sum(len(x) for x in model.tokenizer.encode(batch, max_length))  # type: ignore[attr-defined]
+
+        def encode(batch: list[str]):
+            return model.encode(
+                batch, max_length=max_length, return_dense=True, return_sparse=True, return_colbert_vecs=True
+            )
+
+    load_s = time.perf_counter() - start
+    rss_loaded = _rss_mb()
+    encode(["warm-up"])
+    tokens = n_tokens(texts)
+    start = time.perf_counter()
+    result = encode(texts)
+    seconds = time.perf_counter() - start
+    peak = _peak_mb()
+    np.savez(
+        out.with_suffix(".npz"),
+        dense=np.asarray(result["dense_vecs"], dtype=np.float32),
+        **{f"colbert_{i}": np.asarray(c, dtype=np.float32) for i, c in enumerate(result["colbert_vecs"])},
+    )
+    out.write_text(
+        json.dumps(
+            {
+                "engine": engine,
+                "workload": workload,
+                "texts": len(texts),
+                "tokens": tokens,
+                "seconds": seconds,
+                "tokens_per_s": tokens / seconds,
+                "load_s": load_s,
+                "rss_after_load_mb": rss_loaded,
+                "peak_rss_mb": peak,
+                "activation_mb": peak - rss_loaded,
+                "lexical_weights": [{k: float(v) for k, v in w.items()} for w in result["lexical_weights"]],
+            }
+        )
+    )
+
+
+# -- orchestration ----------------------------------------------------------------
+def ensure_package(checkpoint: Path, package: Path, variants: list[str]) -> None:
+    manifest = package / "manifest.json"
+    if manifest.is_file() and set(variants) <= set(json.loads(manifest.read_text())["variants"]):
+        return
+    from m3_exporter import export_package
+
+    export_package(str(checkpoint), package, variants=variants, force=True)  # type: ignore[arg-type]
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
+
+
+def fidelity(base: dict, got: dict) -> dict[str, float]:
+    """Variant vs base on the queries + passages workloads: dense cosine, lexical top-10, ColBERT score."""
+    dense_cos = np.concatenate(
+        [_cos(got[w]["arrays"]["dense"], base[w]["arrays"]["dense"]) for w in ("queries", "passages")]
+    )
+    overlaps = []
+    for w in ("queries", "passages"):
+        for a, b in zip(base[w]["lexical_weights"], got[w]["lexical_weights"], strict=True):
+            top_a = sorted(a, key=a.get, reverse=True)[:10]
+            top_b = sorted(b, key=b.get, reverse=True)[:10]
+            if top_a:
+                overlaps.append(len(set(top_a) & set(top_b)) / len(top_a))
+
+    def colbert_scores(res: dict) -> np.ndarray:
+        q = [res["queries"]["arrays"][f"colbert_{i}"] for i in range(min(8, res["queries"]["texts"]))]
+        p = [res["passages"]["arrays"][f"colbert_{i}"] for i in range(min(8, res["passages"]["texts"]))]
+        return np.array([[(a @ b.T).max(1).mean() for b in p] for a in q])
+
+    diff = np.abs(colbert_scores(got) - colbert_scores(base))
+    return {
+        "dense_cos_min": float(dense_cos.min()),
+        "dense_cos_mean": float(dense_cos.mean()),
+        "sparse_top10_overlap": float(np.mean(overlaps)),
+        "colbert_score_max_abs": float(diff.max()),
+        "colbert_score_mean_abs": float(diff.mean()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--variants", default="fp32,int8")
+    parser.add_argument("--queries", type=int, default=64)
+    parser.add_argument("--passages", type=int, default=16)
+    parser.add_argument("--no-long", action="store_true", help="skip the 8,192-token text")
+    parser.add_argument("--no-flag", action="store_true", help="skip FlagEmbedding even if installed")
+    parser.add_argument("--checkpoint", type=Path, default=CACHE / "bge-m3-random")
+    parser.add_argument("--package", type=Path, default=CACHE / "bge-m3-random-pkg")
+    parser.add_argument("--json", type=Path, default=HERE / "results.json")
+    parser.add_argument("--worker", nargs=3, metavar=("ENGINE", "WORKLOAD", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--texts", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        engine, workload, out = args.worker
+        worker(engine, workload, args.texts, args.checkpoint, args.package, Path(out))
+        return
+
+    sys.path.insert(0, str(HERE))
+    from full_checkpoint import build
+
+    variants = [v for v in args.variants.split(",") if v]
+    build(args.checkpoint)
+    ensure_package(args.checkpoint, args.package, sorted(set(variants) | {"fp32"}))
+    engines = list(variants)
+    try:
+        import importlib.util
+
+        if not args.no_flag and importlib.util.find_spec("FlagEmbedding") is not None:
+            engines.insert(0, "flagembedding")
+    except ImportError:
+        pass
+    workloads = [w for w in WORKLOADS if not (w == "long" and args.no_long)]
+
+    results: dict[str, dict[str, dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        texts_file = Path(tmp) / "texts.json"
+        texts_file.write_text(json.dumps(make_texts(args.queries, args.passages)), encoding="utf-8")
+        for engine in engines:
+            for workload in workloads:
+                out = Path(tmp) / f"{engine}-{workload}.json"
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    engine,
+                    workload,
+                    str(out),
+                    "--texts",
+                    str(texts_file),
+                    "--checkpoint",
+                    str(args.checkpoint),
+                    "--package",
+                    str(args.package),
+                ]
+                print(f"running {engine} on {workload} ...", file=sys.stderr, flush=True)
+                subprocess.run(cmd, check=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                res = json.loads(out.read_text())
+                res["arrays"] = dict(np.load(out.with_suffix(".npz")))
+                results.setdefault(engine, {})[workload] = res
+                print(
+                    f"  {res['tokens']} tokens in {res['seconds']:.2f} s = {res['tokens_per_s']:.1f} tokens/s; "
+                    f"load {res['load_s']:.2f} s; peak RSS {res['peak_rss_mb']:.0f} MB",
+                    file=sys.stderr,
+                    flush=True,
+                )
+
+    report(results, engines, workloads, args.json)
+
+
+def report(results: dict, engines: list[str], workloads: list[str], json_path: Path) -> None:
+    ref = results.get("flagembedding")
+    print(f"\n{'engine':<14}{'workload':<10}{'tokens/s':>10}{'x FlagEmb':>11}{'load s':>8}{'peak MB':>9}{'act. MB':>9}")
+    for engine in engines:
+        for w in workloads:
+            r = results[engine][w]
+            ratio = r["tokens_per_s"] / ref[w]["tokens_per_s"] if ref else float("nan")
+            r["ratio_vs_flagembedding"] = ratio
+            act = f"{r['activation_mb']:9.0f}" if w == "long" else f"{'':9}"
+            print(
+                f"{engine:<14}{w:<10}{r['tokens_per_s']:10.1f}{ratio:11.2f}{r['load_s']:8.2f}{r['peak_rss_mb']:9.0f}{act}"
+            )
+    fid = {}
+    base_name = "fp32" if "fp32" in results else None
+    if base_name:
+        print("\nfidelity against the fp32 variant (queries + passages):")
+        for engine in engines:
+            if engine == base_name:
+                continue
+            fid[engine] = fidelity(results[base_name], results[engine])
+            print(f"  {engine:<14}" + ", ".join(f"{k} {v:.4g}" for k, v in fid[engine].items()))
+    summary = {
+        "machine": {"cpus": os.cpu_count(), "platform": sys.platform},
+        "results": {
+            e: {w: {k: v for k, v in r.items() if k not in ("arrays", "lexical_weights")} for w, r in ws.items()}
+            for e, ws in results.items()
+        },
+        "fidelity_vs_fp32": fid,
+    }
+    json_path.write_text(json.dumps(summary, indent=2))
+    print(f"\nwrote {json_path}")
+
+
+if __name__ == "__main__":
+    main()
