@@ -46,7 +46,12 @@ def test_export_and_runtime_commands_end_to_end(tmp_path, package_dir):
     out = tmp_path / "cli-pkg"
     res = run(str(BIN / "m3-export"), str(CHECKPOINT), str(out), "--variants", "fp32,int8")
     assert res.returncode == 0, res.stderr
-    assert "[1/5] loading" in res.stderr and "fusions:" in res.stderr and "fp32 vs PyTorch" in res.stderr and "int8 vs PyTorch" in res.stderr
+    assert (
+        "[1/5] loading" in res.stderr
+        and "fusions:" in res.stderr
+        and "fp32 vs PyTorch" in res.stderr
+        and "int8 vs PyTorch" in res.stderr
+    )
     assert sorted(p.name for p in out.iterdir()) == sorted(
         [
             "manifest.json",
