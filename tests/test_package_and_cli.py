@@ -111,6 +111,17 @@ def test_export_and_runtime_commands_end_to_end(tmp_path, package_dir):
     assert not (out / "model.fp32.onnx").exists()
 
 
+def test_force_replaces_only_a_package(tmp_path):
+    from m3_exporter import export_package
+
+    precious = tmp_path / "notes"
+    precious.mkdir()
+    (precious / "thesis.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds no manifest.json; not replacing it, even with --force"):
+        export_package(str(CHECKPOINT), precious, force=True, say=lambda _m: None)
+    assert (precious / "thesis.txt").read_text() == "mine"
+
+
 def test_cli_errors_are_one_line(tmp_path):
     res = run(str(BIN / "m3"), "encode", str(tmp_path / "none"), "x")
     assert res.returncode == 2 and res.stderr.startswith("m3: error:") and "Traceback" not in res.stderr

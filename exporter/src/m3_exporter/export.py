@@ -71,8 +71,14 @@ class _Steps:
 def _check_out(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise FileExistsError(f"{out} is not empty; pass --force to replace it")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise FileExistsError(f"{out} is not empty; pass --force to replace it")
+        if not (out / MANIFEST_NAME).is_file():
+            # --force replaces a package, never an arbitrary folder of the user's.
+            raise FileExistsError(
+                f"{out} is not empty and holds no {MANIFEST_NAME}; not replacing it, even with --force"
+            )
 
 
 def _versions() -> dict[str, str]:
