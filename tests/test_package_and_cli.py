@@ -117,7 +117,7 @@ def test_force_replaces_only_a_package(tmp_path):
     precious = tmp_path / "notes"
     precious.mkdir()
     (precious / "thesis.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match="holds no manifest.json; not replacing it, even with --force"):
+    with pytest.raises(FileExistsError, match=r"holds no manifest\.json; not replacing it, even with --force"):
         export_package(str(CHECKPOINT), precious, force=True, say=lambda _m: None)
     assert (precious / "thesis.txt").read_text() == "mine"
 

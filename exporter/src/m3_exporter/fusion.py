@@ -22,7 +22,6 @@ import onnx
 from onnx import TensorProto, helper
 
 MS_DOMAIN = "com.microsoft"
-_MHA_KEY_PADDING_MASK = 4  # MultiHeadAttention inputs: q, k, v, bias, key_padding_mask, attention_bias, ...
 
 
 def fuse_transformer(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:

@@ -19,7 +19,6 @@ from typing import Any, Literal, get_args
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 INPUT_NAMES: tuple[str, ...] = ("input_ids", "attention_mask")
 DENSE = "dense_vecs"

@@ -16,10 +16,6 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 LexicalWeights = dict[str, float]
-SCORE_KEYS: tuple[str, ...] = ("colbert", "sparse", "dense", "sparse+dense", "colbert+sparse+dense")
-
-# Largest q x p x block score tensor built at once when scoring many pairs (floats).
-_COLBERT_BLOCK_ELEMENTS = 1 << 24
 
 
 def lexical_weights(weights: np.ndarray, ids: np.ndarray, unused: frozenset[int]) -> LexicalWeights:
