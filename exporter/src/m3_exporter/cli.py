@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from m3_runtime.contract import VARIANTS
+from m3_runtime.contract import DENSE_KIND, M3_KIND, VARIANTS
 
 from .checkpoint import CheckpointError
 from .export import DEFAULT_OPSET, export_package
 from .graphs import ExportError
+from .outliers import DEFAULT_BUDGET
+from .specs import known_models
 
 
 def _variants(value: str) -> list[str]:
@@ -29,7 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("src", help="checkpoint folder or hub id (e.g. BAAI/bge-m3)")
     parser.add_argument("out", help="package folder to write (must be empty or absent unless --force)")
     parser.add_argument(
-        "--variants", type=_variants, default=list(VARIANTS), help="comma-separated (default: fp32,fp16,int8)"
+        "--variants",
+        type=_variants,
+        default=None,
+        help="comma-separated (default: the registry's, else fp32,fp16,int8)",
     )
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     parser.add_argument(
@@ -37,11 +42,41 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--revision", default=None, help="hub revision (hub ids only)")
     parser.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
+    parser.add_argument(
+        "--kind",
+        choices=(M3_KIND, DENSE_KIND),
+        default=None,
+        help="bge-m3 (three heads) or dense (dense_vecs only); default: the registry's, else detected from the files",
+    )
+    parser.add_argument(
+        "--pooling", choices=("cls", "mean"), default=None, help="dense models: default from the registry or 1_Pooling"
+    )
+    parser.add_argument(
+        "--query-instruction",
+        default=None,
+        help="text encode_queries prepends (dense models; '' for none); default: the registry's",
+    )
+    parser.add_argument(
+        "--int8-fp32-budget",
+        type=float,
+        default=DEFAULT_BUDGET,
+        help=f"share of MatMul weights int8 may keep in fp32 for outlier-heavy inputs (default {DEFAULT_BUDGET}; "
+        "0: plain dynamic int8)",
+    )
+    parser.add_argument("--list-models", action="store_true", help="list the models of the registry and exit")
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--list-models" in argv:
+        for spec in known_models().values():
+            print(
+                f"{spec.hub_id:42} {spec.kind:7} {spec.pooling:5} max {spec.max_length:5}  {','.join(spec.recommended_variants)}"
+            )
+        return 0
     args = build_parser().parse_args(argv)
     try:
         export_package(
@@ -53,6 +88,10 @@ def main(argv: list[str] | None = None) -> int:
             validate_variants=not args.no_validate,
             force=args.force,
             revision=args.revision,
+            kind=args.kind,
+            pooling=args.pooling,
+            query_instruction=args.query_instruction,
+            int8_fp32_budget=args.int8_fp32_budget,
         )
     except (CheckpointError, ExportError, FileExistsError, ValueError) as exc:
         print(f"m3-export: error: {exc}", file=sys.stderr)

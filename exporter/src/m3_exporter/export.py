@@ -14,6 +14,7 @@ from pathlib import Path
 
 from m3_runtime.contract import (
     FORMAT_VERSION,
+    M3_KIND,
     MANIFEST_NAME,
     PROVIDERS_FOR_VARIANT,
     TOKENIZER_FILE,
@@ -25,11 +26,12 @@ from m3_runtime.contract import (
     data_file,
     graph_file,
     graph_shapes,
+    output_names,
 )
 from m3_runtime.package import file_entry
 from m3_runtime.tokenize import M3Tokenizer
 
-from . import graphs, validate
+from . import graphs, outliers, validate
 from .checkpoint import (
     TOKENIZER_EXTRA_FILES,
     Checkpoint,
@@ -39,12 +41,13 @@ from .checkpoint import (
     resolve_source,
 )
 from .graphs import ExportError
-from .texts import VALIDATION_TEXTS
+from .specs import find_spec
+from .texts import VALIDATION_TEXTS, calibration_paragraphs
 
 PRECISION = {
-    "fp32": "float32",
-    "fp16": "float16 (normalisation in float32)",
-    "int8": "int8 dynamic, per-channel weights",
+    "fp32": "float32; CPU-fused (MultiHeadAttention with flash path, SkipLayerNorm, BiasGelu)",
+    "fp16": "float16 (normalisation in float32); unfused, for TensorRT/CUDA",
+    "int8": "int8 dynamic, per-channel MatMul weights, outlier-heavy MatMuls kept fp32; CPU-fused",
 }
 DEFAULT_OPSET = 18
 
@@ -114,9 +117,11 @@ def _special_tokens(package: Path, tokenizer: M3Tokenizer) -> SpecialTokens:
     mapping = package / "special_tokens_map.json"
     if mapping.is_file():
         data = json.loads(mapping.read_text(encoding="utf-8"))
+        # BERT tokenizers have [CLS]/[SEP] where XLM-R has <s>/</s>: sep stands in for eos.
         for key, field in (
             ("cls_token", "bos"),
             ("pad_token", "pad"),
+            ("sep_token", "eos"),
             ("eos_token", "eos"),
             ("unk_token", "unk"),
             ("mask_token", "mask"),
@@ -144,29 +149,55 @@ def export_package(
     src: str,
     out: str | Path,
     *,
-    variants: Sequence[Variant] = VARIANTS,
+    variants: Sequence[Variant] | None = None,
     opset: int = DEFAULT_OPSET,
     max_length: int | None = None,
     validate_variants: bool = True,
     force: bool = False,
     revision: str | None = None,
+    kind: str | None = None,
+    pooling: str | None = None,
+    normalize: bool | None = None,
+    query_instruction: str | None = None,
+    int8_fp32_budget: float = outliers.DEFAULT_BUDGET,
     say: Callable[[str], None] = _say,
 ) -> Manifest:
     """Export ``src`` (a local checkpoint or hub id) to a package in ``out``.
+
+    ``variants``, ``kind``, ``pooling``, ``normalize``, ``query_instruction`` and
+    ``max_length`` left as None come from the model registry when ``src`` is a known
+    hub id (``models/registry``), else from the checkpoint (sentence-transformers
+    files, config); ``query_instruction=""`` means none. ``int8_fp32_budget``: share of
+    MatMul weights the int8 variant may keep in fp32 for outlier-heavy inputs (see
+    ``outliers``); 0 gives plain dynamic int8.
 
     Raises ``CheckpointError`` for a bad checkpoint (before any heavy work),
     ``FileExistsError`` for a non-empty ``out`` without ``force``, and ``ExportError``
     when the fp32 graph differs from PyTorch by more than 1e-4.
     """
+    spec = find_spec(src)
+    if spec is not None:
+        kind = kind or spec.kind
+        pooling = pooling or spec.pooling
+        normalize = spec.normalize if normalize is None else normalize
+        query_instruction = spec.query_instruction if query_instruction is None else query_instruction
+        variants = variants or spec.recommended_variants  # type: ignore[assignment]
+    variants = list(variants or VARIANTS)
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown or not variants:
         raise ValueError(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     out = Path(out).expanduser().resolve()
     _check_out(out, force)
     path, resolved_revision = resolve_source(src, revision)
-    ckpt = inspect_checkpoint(path, source=src, revision=resolved_revision)
+    ckpt = inspect_checkpoint(
+        path, source=src, revision=resolved_revision, kind=kind, pooling=pooling, normalize=normalize
+    )
+    if ckpt.kind == M3_KIND and query_instruction:
+        raise ValueError("BGE-M3 takes no query instruction")
+    outputs = output_names(ckpt.kind)
     limit = ckpt.max_length
-    max_length = limit if max_length is None else max_length
+    if max_length is None:
+        max_length = min(limit, spec.max_length) if spec is not None else limit
     if not 2 <= max_length <= limit:
         raise ValueError(f"--max-length must be in 2..{limit} for {src} (max_position_embeddings), got {max_length}")
 
@@ -181,7 +212,7 @@ def export_package(
         ids = tokenizer.encode(list(VALIDATION_TEXTS), min(max_length, 512))
         fp32 = work / graph_file("fp32")
         reference = _export_from_torch(
-            ckpt, work, variants, ids, special.pad, steps, opset, max_length, validate_variants
+            ckpt, work, variants, ids, special.pad, steps, opset, max_length, validate_variants, outputs
         )
 
         infos: dict[str, VariantInfo] = {}
@@ -192,7 +223,8 @@ def export_package(
             target = work / graph_file(variant)  # type: ignore[arg-type]
             if variant == "int8":
                 with steps("quantizing to int8"):
-                    graphs.quantize_int8(fp32, target)
+                    keep = _int8_exclusions(fp32, tokenizer, special.pad, int8_fp32_budget, say)
+                    graphs.quantize_int8(fp32, target, outputs, exclude=tuple(keep))
             metrics: dict[str, float] = {}
             if reference is not None:
                 metrics = validate.compare(
@@ -206,6 +238,13 @@ def export_package(
                     )
                 if metrics["nan"]:
                     raise ExportError(f"{variant} graph produced NaN on the validation texts; not written")
+                if variant == "int8":
+                    real = validate.retrieval_fidelity(fp32, target, tokenizer, special.pad)
+                    say(
+                        f"      {variant} vs fp32 on real English text: "
+                        + ", ".join(f"{k} {v:.4g}" for k, v in real.items())
+                    )
+                    metrics |= real | {"fp32_matmuls": float(len(keep))}
             if variant not in variants:
                 continue
             infos[variant] = VariantInfo(
@@ -220,7 +259,7 @@ def export_package(
             fp32.unlink()
             (work / data_file("fp32")).unlink()
 
-        inputs, outputs = graph_shapes(ckpt.hidden_size)
+        input_shapes, output_shapes = graph_shapes(ckpt.hidden_size, ckpt.kind)
         tokenizer_files = tuple(
             file_entry(work, work / name)
             for name in (TOKENIZER_FILE, *TOKENIZER_EXTRA_FILES)
@@ -228,7 +267,7 @@ def export_package(
         )
         manifest = Manifest(
             format_version=FORMAT_VERSION,
-            model_kind="bge-m3",
+            model_kind=ckpt.kind,
             source={
                 "id": src,
                 "path": str(ckpt.path),
@@ -239,12 +278,15 @@ def export_package(
             max_length=max_length,
             vocab_size=int(ckpt.config["vocab_size"]),
             special_tokens=special,
-            inputs=inputs,
-            outputs=outputs,
+            inputs=input_shapes,
+            outputs=output_shapes,
             variants=infos,
             tokenizer_files=tokenizer_files,
             clean_up_tokenization_spaces=_clean_up_flag(work),
             versions=_versions() | {"opset": str(opset)},
+            pooling=ckpt.pooling,
+            normalize=ckpt.normalize,
+            query_instruction=query_instruction or None,
         )
         (work / MANIFEST_NAME).write_text(
             json.dumps(manifest.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
@@ -259,6 +301,22 @@ def export_package(
     return manifest
 
 
+def _int8_exclusions(
+    fp32: Path, tokenizer: M3Tokenizer, pad_id: int, budget: float, say: Callable[[str], None]
+) -> list[str]:
+    if budget <= 0:
+        return []
+    ids = tokenizer.encode(calibration_paragraphs(30) + list(VALIDATION_TEXTS), 128)
+    ratios = outliers.outlier_ratios(fp32, ids, pad_id)
+    keep = outliers.keep_in_fp32(fp32, ratios, budget)
+    say(
+        f"      keeping {len(keep)} of {len(ratios)} MatMuls in fp32 (input max/rms "
+        + ", ".join(f"{ratios[k]:.0f}" for k in keep)
+        + f"; next {max((v for k, v in ratios.items() if k not in keep), default=0):.0f})"
+    )
+    return keep
+
+
 def _export_from_torch(
     ckpt: Checkpoint,
     work: Path,
@@ -269,6 +327,7 @@ def _export_from_torch(
     opset: int,
     max_length: int,
     run_reference: bool,
+    outputs: tuple[str, ...],
 ) -> validate.Outputs | None:
     """The PyTorch part: load, reference outputs, fp32 and fp16 graphs. The model is freed on return."""
     with steps(f"loading {ckpt.source} in PyTorch"):
@@ -278,13 +337,13 @@ def _export_from_torch(
         with steps("running PyTorch on the validation texts"):
             reference = validate.torch_outputs(model, ids, pad_id)
     with steps(f"exporting fp32 (opset {opset}, dynamic batch and sequence <= {max_length})"):
-        graphs.export_graph(model, work / graph_file("fp32"), opset=opset, max_length=max_length)
+        graphs.export_graph(model, work / graph_file("fp32"), opset=opset, max_length=max_length, outputs=outputs)
     with steps("fusing fp32 for CPU (MultiHeadAttention with a flash path, SkipLayerNorm, BiasGelu)"):
-        counts = graphs.fuse_for_cpu(work / graph_file("fp32"))
+        counts = graphs.fuse_for_cpu(work / graph_file("fp32"), outputs)
         steps.say("      fusions: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     if "fp16" in variants:
         with steps("exporting fp16"):
-            graphs.export_fp16(model, work / graph_file("fp16"), opset=opset, max_length=max_length)
+            graphs.export_fp16(model, work / graph_file("fp16"), opset=opset, max_length=max_length, outputs=outputs)
     return reference
 
 

@@ -25,13 +25,13 @@ def save_graph(model: onnx.ModelProto, path: Path) -> None:
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=location)
 
 
-def export_graph(model, path: Path, *, opset: int, max_length: int) -> None:
+def export_graph(model, path: Path, *, opset: int, max_length: int, outputs: tuple[str, ...] = OUTPUT_NAMES) -> None:
     """Trace ``model`` (an ``M3Graph``) with dynamic batch and sequence axes (dynamo exporter)."""
     import torch
 
     # Batch >= 2 and sequence >= 2 with padding, so neither axis is specialised.
     input_ids = torch.tensor([[0, 5, 6, 7, 8, 2], [0, 9, 2, 1, 1, 1]], dtype=torch.int64)
-    attention_mask = (input_ids != 1).to(torch.int64)
+    attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=torch.int64)
     batch = torch.export.Dim("batch", min=1)
     sequence = torch.export.Dim("sequence", min=1, max=max_length)
     dynamic = {"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}}
@@ -42,7 +42,7 @@ def export_graph(model, path: Path, *, opset: int, max_length: int) -> None:
             model,
             (input_ids, attention_mask),
             input_names=list(INPUT_NAMES),
-            output_names=list(OUTPUT_NAMES),
+            output_names=list(outputs),
             dynamic_shapes=dynamic,
             opset_version=opset,
             dynamo=True,
@@ -51,24 +51,24 @@ def export_graph(model, path: Path, *, opset: int, max_length: int) -> None:
     if program is None:
         raise ExportError("torch.onnx.export returned no program")
     save_graph(program.model_proto, path)
-    check_interface(path)
+    check_interface(path, outputs)
 
 
-def check_interface(path: Path) -> None:
+def check_interface(path: Path, expected_outputs: tuple[str, ...] = OUTPUT_NAMES) -> None:
     """The graph must have the contract's names with symbolic (not fixed) batch/sequence axes."""
     model = onnx.load(str(path), load_external_data=False)
     inputs = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in model.graph.input}
     outputs = [o.name for o in model.graph.output]
-    if list(inputs) != list(INPUT_NAMES) or outputs != list(OUTPUT_NAMES):
+    if list(inputs) != list(INPUT_NAMES) or outputs != list(expected_outputs):
         raise ExportError(
-            f"{path}: expected inputs {INPUT_NAMES} and outputs {OUTPUT_NAMES}, got {list(inputs)} and {outputs}"
+            f"{path}: expected inputs {INPUT_NAMES} and outputs {expected_outputs}, got {list(inputs)} and {outputs}"
         )
     for name, dims in inputs.items():
         if len(dims) != 2 or not all(isinstance(d, str) and d for d in dims):
             raise ExportError(f"{path}: input {name} has dims {dims}; batch and sequence must be dynamic")
 
 
-def export_fp16(model, path: Path, *, opset: int, max_length: int) -> None:
+def export_fp16(model, path: Path, *, opset: int, max_length: int, outputs: tuple[str, ...] = OUTPUT_NAMES) -> None:
     """fp16 weights and compute, int64 inputs and fp32 outputs. Converts ``model`` in place.
 
     Exported from the half-precision PyTorch module rather than converted from the fp32
@@ -77,20 +77,22 @@ def export_fp16(model, path: Path, *, opset: int, max_length: int) -> None:
     to zero between casts and turn padded ColBERT rows into NaN. LayerNormalization keeps
     fp32 statistics under fp16 inputs by the ONNX spec (stash_type=1).
     """
-    export_graph(model.half(), path, opset=opset, max_length=max_length)
+    export_graph(model.half(), path, opset=opset, max_length=max_length, outputs=outputs)
 
 
-def fuse_for_cpu(path: Path) -> dict[str, int]:
+def fuse_for_cpu(path: Path, outputs: tuple[str, ...] = OUTPUT_NAMES) -> dict[str, int]:
     """Replace the graph at ``path`` by its CPU-fused form (see ``fusion``); returns fusion counts."""
     from .fusion import optimize_for_cpu
 
     fused, counts = optimize_for_cpu(onnx.load(str(path)))
     save_graph(fused, path)
-    check_interface(path)
+    check_interface(path, outputs)
     return counts
 
 
-def quantize_int8(fp32_path: Path, path: Path) -> None:
+def quantize_int8(
+    fp32_path: Path, path: Path, outputs: tuple[str, ...] = OUTPUT_NAMES, exclude: tuple[str, ...] = ()
+) -> None:
     """Dynamic int8: per-channel int8 weights of every MatMul, activations quantized at run time.
 
     ``reduce_range=False``: VNNI/AMX take the full int8 range (the 7-bit workaround is
@@ -110,6 +112,7 @@ def quantize_int8(fp32_path: Path, path: Path) -> None:
             reduce_range=False,
             weight_type=QuantType.QInt8,
             op_types_to_quantize=["MatMul"],
+            nodes_to_exclude=list(exclude),
             use_external_data_format=True,
         )
     finally:
@@ -118,4 +121,4 @@ def quantize_int8(fp32_path: Path, path: Path) -> None:
     tmp.unlink()
     for leftover in tmp.parent.glob(tmp.name + "*"):
         leftover.unlink()
-    check_interface(path)
+    check_interface(path, outputs)

@@ -34,3 +34,50 @@ VALIDATION_TEXTS: tuple[str, ...] = (
         * 12
     ),
 )
+
+
+def english_paragraphs(n: int = 240, *, min_words: int = 30, max_words: int = 120) -> list[str]:
+    """``n`` real English paragraphs, offline on every Python: the language reference topics
+    shipped with the standard library (``pydoc_data.topics``), prose only (code and
+    tables skipped), each cut at ``max_words`` words. Deterministic."""
+    from pydoc_data.topics import topics
+
+    out: list[str] = []
+    for key in sorted(topics):
+        for block in topics[key].split("\n\n"):
+            words = block.split()
+            text = " ".join(words)
+            letters = sum(c.isalpha() or c.isspace() for c in text)
+            if len(words) < min_words or letters < 0.85 * len(text) or text.startswith((">>>", "...")):
+                continue
+            out.append(" ".join(words[:max_words]))
+    seen: set[str] = set()
+    unique = [p for p in out if not (p in seen or seen.add(p))]
+    if len(unique) < n:
+        raise RuntimeError(f"only {len(unique)} paragraphs in pydoc_data.topics, {n} asked")
+    step = len(unique) / n
+    return [unique[int(i * step)] for i in range(n)]
+
+
+def calibration_paragraphs(n: int = 30) -> list[str]:
+    """Real English paragraphs disjoint from ``english_paragraphs(240)`` (the evaluation set)."""
+    return english_paragraphs(480)[1::2][:: max(1, 240 // n)][:n]
+
+
+def retrieval_set(paragraphs: list[str], n_queries: int) -> tuple[list[str], list[tuple[str, int]]]:
+    """A retrieval set built from real paragraphs: (corpus, [(query, index of its passage)]).
+
+    For ``n_queries`` paragraphs spread over the list, the query is the paragraph's
+    opening 8-12 words and its passage is the rest of the paragraph; the other
+    paragraphs stay whole. Deterministic.
+    """
+    corpus = list(paragraphs)
+    step = max(1, len(paragraphs) // n_queries)
+    queries = []
+    for k in range(n_queries):
+        i = k * step
+        words = paragraphs[i].split()
+        size = 8 + k % 5
+        queries.append((" ".join(words[:size]), i))
+        corpus[i] = " ".join(words[size:])
+    return corpus, queries

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from m3_runtime.batching import pad_batch
-from m3_runtime.contract import INPUT_NAMES, OUTPUT_NAMES
+from m3_runtime.contract import COLBERT, DENSE, INPUT_NAMES, SPARSE
 from m3_runtime.scoring import colbert_score, lexical_weights
 
 FP32_TOLERANCE = 1e-4
@@ -41,27 +41,33 @@ def _batches(ids: Sequence[list[int]]) -> list[list[int]]:
 
 
 def _collect(ids: Sequence[list[int]], run, pad_id: int) -> Outputs:
+    """``run(input_ids, mask) -> {output name: array}``; sparse/ColBERT lists stay empty for dense-only graphs."""
     n = len(ids)
-    out = Outputs(ids=[np.asarray(x) for x in ids], dense=[None] * n, sparse=[None] * n, colbert=[None] * n)  # type: ignore[list-item]
+    out = Outputs(ids=[np.asarray(x) for x in ids], dense=[None] * n, sparse=[], colbert=[])  # type: ignore[list-item]
     for batch in _batches(ids):
         input_ids, mask = pad_batch([ids[i] for i in batch], pad_id)
-        dense, sparse, colbert = run(input_ids, mask)
-        out.nan |= bool(np.isnan(dense).any() or np.isnan(sparse).any() or np.isnan(colbert).any())
+        res = run(input_ids, mask)
+        out.nan |= any(bool(np.isnan(a).any()) for a in res.values())
+        if SPARSE in res and not out.sparse:
+            out.sparse, out.colbert = [None] * n, [None] * n  # type: ignore[list-item]
         for row, i in enumerate(batch):
             length = len(ids[i])
-            out.dense[i] = dense[row]
-            out.sparse[i] = sparse[row, :length]
-            out.colbert[i] = colbert[row, : length - 1]
+            out.dense[i] = res[DENSE][row]
+            if SPARSE in res:
+                out.sparse[i] = res[SPARSE][row, :length]
+                out.colbert[i] = res[COLBERT][row, : length - 1]
     return out
 
 
 def torch_outputs(model, ids: Sequence[list[int]], pad_id: int) -> Outputs:
     import torch
 
-    def run(input_ids: np.ndarray, mask: np.ndarray):
+    def run(input_ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
         with torch.inference_mode():
             res = model(torch.from_numpy(input_ids), torch.from_numpy(mask))
-        return [r.float().numpy() for r in res]
+        if isinstance(res, torch.Tensor):  # dense-only graph
+            return {DENSE: res.float().numpy()}
+        return {name: r.float().numpy() for name, r in zip((DENSE, SPARSE, COLBERT), res, strict=True)}
 
     return _collect(ids, run, pad_id)
 
@@ -73,8 +79,10 @@ def onnx_outputs(graph: Path, ids: Sequence[list[int]], pad_id: int) -> Outputs:
     options.log_severity_level = 3
     session = ort.InferenceSession(str(graph), sess_options=options, providers=["CPUExecutionProvider"])
 
-    def run(input_ids: np.ndarray, mask: np.ndarray):
-        return session.run(list(OUTPUT_NAMES), {INPUT_NAMES[0]: input_ids, INPUT_NAMES[1]: mask})
+    names = [o.name for o in session.get_outputs()]
+
+    def run(input_ids: np.ndarray, mask: np.ndarray) -> dict[str, np.ndarray]:
+        return dict(zip(names, session.run(names, {INPUT_NAMES[0]: input_ids, INPUT_NAMES[1]: mask}), strict=True))
 
     return _collect(ids, run, pad_id)
 
@@ -93,6 +101,13 @@ def _top10(weights: dict[str, float]) -> set[str]:
 def compare(ref: Outputs, got: Outputs, unused: frozenset[int]) -> dict[str, float]:
     dense_ref, dense_got = np.stack(ref.dense), np.stack(got.dense)
     dense_cos = _cos(dense_ref, dense_got)
+    dense = {
+        "dense_max_abs": float(np.abs(dense_ref - dense_got).max()),
+        "dense_cos_min": float(dense_cos.min()),
+        "dense_cos_mean": float(dense_cos.mean()),
+    }
+    if not ref.sparse:  # dense-only model
+        return {**dense, "nan": float(got.nan)}
     col_ref = np.concatenate([c for c in ref.colbert if len(c)])
     col_got = np.concatenate([c for c in got.colbert if len(c)])
     overlaps = []
@@ -108,9 +123,7 @@ def compare(ref: Outputs, got: Outputs, unused: frozenset[int]) -> dict[str, flo
         if len(ref.colbert[i]) and len(ref.colbert[j])
     )
     return {
-        "dense_max_abs": float(np.abs(dense_ref - dense_got).max()),
-        "dense_cos_min": float(dense_cos.min()),
-        "dense_cos_mean": float(dense_cos.mean()),
+        **dense,
         "sparse_max_abs": float(max(np.abs(a - b).max() for a, b in zip(ref.sparse, got.sparse, strict=True))),
         "sparse_top10_overlap": float(np.mean(overlaps)) if overlaps else 1.0,
         "colbert_max_abs": float(np.abs(col_ref - col_got).max()),
@@ -121,4 +134,42 @@ def compare(ref: Outputs, got: Outputs, unused: frozenset[int]) -> dict[str, flo
 
 
 def max_abs(metrics: dict[str, float]) -> float:
-    return max(metrics["dense_max_abs"], metrics["sparse_max_abs"], metrics["colbert_max_abs"])
+    return max(metrics.get(k, 0.0) for k in ("dense_max_abs", "sparse_max_abs", "colbert_max_abs"))
+
+
+def retrieval_fidelity(
+    base_graph: Path, graph: Path, tokenizer, pad_id: int, *, n_passages: int = 240, n_queries: int = 60
+) -> dict[str, float]:
+    """A variant against fp32 on real English text, as a retrieval user sees it.
+
+    Passages: ``n_passages`` paragraphs of ``texts.english_paragraphs`` (<= 128 tokens);
+    queries: the opening words of ``n_queries`` of them, cut off their passage
+    (``texts.retrieval_set``). Reports
+    dense cosine (min/mean over passages and queries), the mean overlap of each query's
+    top-10 passages, and the share of queries whose target passage changed rank.
+    """
+    from .texts import english_paragraphs, retrieval_set
+
+    passages, queries = retrieval_set(english_paragraphs(n_passages), n_queries)
+    texts = passages + [q for q, _ in queries]
+    ids = tokenizer.encode(texts, 128)
+    base = np.stack(onnx_outputs(base_graph, ids, pad_id).dense).astype(np.float64)
+    got = np.stack(onnx_outputs(graph, ids, pad_id).dense).astype(np.float64)
+    cos = _cos(base, got)
+    n = len(passages)
+
+    def ranking(vecs: np.ndarray) -> np.ndarray:
+        return np.argsort(-(vecs[n:] @ vecs[:n].T), axis=1, kind="stable")
+
+    rank_base, rank_got = ranking(base), ranking(got)
+    overlap = np.mean([len(set(a[:10]) & set(b[:10])) / 10 for a, b in zip(rank_base, rank_got, strict=True)])
+    targets = np.array([i for _, i in queries])
+    pos_base = np.argmax(rank_base == targets[:, None], axis=1)
+    pos_got = np.argmax(rank_got == targets[:, None], axis=1)
+    return {
+        "real_dense_cos_min": float(cos.min()),
+        "real_dense_cos_mean": float(cos.mean()),
+        "real_top10_overlap": float(overlap),
+        "real_target_rank_changed": float(np.mean(pos_base != pos_got)),
+        "real_target_top1_fp32": float(np.mean(pos_base == 0)),
+    }

@@ -45,3 +45,33 @@ class M3Graph(nn.Module):
         sparse = torch.relu(self.sparse_linear(h)).squeeze(-1).float()
         colbert = self.colbert_linear(h[:, 1:]) * attention_mask[:, 1:, None].to(h.dtype)
         return dense, sparse, l2_normalize(colbert)
+
+
+class DenseGraph(nn.Module):
+    """``(input_ids, attention_mask) -> dense_vecs`` for dense-only encoders (sentence-transformers style).
+
+    ``pool``: ``"cls"`` takes ``h[:, 0]``; ``"mean"`` is sentence-transformers' masked mean,
+    ``sum(h * mask) / max(sum(mask), 1e-9)``. ``normalize`` then applies ``l2_normalize``.
+    BERT's token type ids are all zero for one segment, as sentence-transformers sends them.
+    """
+
+    def __init__(self, backbone: nn.Module, pooling: str, normalize: bool) -> None:
+        super().__init__()
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        self.backbone = backbone
+        self.pooling = pooling
+        self.normalize = normalize
+        self.uses_token_types = getattr(backbone.config, "type_vocab_size", 1) > 1
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        kwargs = {"token_type_ids": torch.zeros_like(input_ids)} if self.uses_token_types else {}
+        h = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs
+        ).last_hidden_state
+        if self.pooling == "cls":
+            pooled = h[:, 0]
+        else:
+            mask = attention_mask.unsqueeze(-1).to(h.dtype)
+            pooled = (h * mask).sum(1) / torch.clamp(mask.sum(1), min=1e-9)
+        return l2_normalize(pooled) if self.normalize else pooled.float()

@@ -2,13 +2,16 @@
 
 Every string that both sides must agree on lives here and nowhere else.
 
-Graph (one per variant, backbone + both heads):
+BGE-M3 graph (one per variant, backbone + both heads):
     input_ids       (batch, seq) int64
     attention_mask  (batch, seq) int64
  -> dense_vecs      (batch, hidden) float32       normalize(h[:, 0])
     sparse_weights  (batch, seq) float32          relu(sparse_linear(h)).squeeze(-1)
     colbert_vecs    (batch, seq - 1, hidden) float32
                     normalize(colbert_linear(h[:, 1:]) * mask[:, 1:, None]), zero at padding
+
+Dense-only graph (bge-*-en-v1.5, sentence-transformers encoders): the same inputs,
+``dense_vecs`` alone, ``normalize?(pool(h))`` with CLS or masked-mean pooling.
 """
 
 from __future__ import annotations
@@ -25,6 +28,17 @@ DENSE = "dense_vecs"
 SPARSE = "sparse_weights"
 COLBERT = "colbert_vecs"
 OUTPUT_NAMES: tuple[str, ...] = (DENSE, SPARSE, COLBERT)
+
+# Model kinds: BGE-M3 (three heads) and dense-only encoders (bge-*-en-v1.5, MiniLM, ...).
+M3_KIND = "bge-m3"
+DENSE_KIND = "dense"
+Pooling = Literal["cls", "mean"]
+
+
+def output_names(kind: str) -> tuple[str, ...]:
+    """Graph outputs of a model kind: all three for BGE-M3, ``dense_vecs`` alone otherwise."""
+    return OUTPUT_NAMES if kind == M3_KIND else (DENSE,)
+
 
 Variant = Literal["fp32", "fp16", "int8"]
 VARIANTS: tuple[Variant, ...] = get_args(Variant)
@@ -104,6 +118,13 @@ class Manifest:
     tokenizer_files: tuple[FileEntry, ...]
     clean_up_tokenization_spaces: bool
     versions: dict[str, str]
+    pooling: str = "cls"  # dense = normalize?(pool(h)): "cls" h[:, 0], "mean" masked mean of h
+    normalize: bool = True
+    query_instruction: str | None = None  # prepended by encode_queries
+
+    @property
+    def output_names(self) -> tuple[str, ...]:
+        return output_names(self.model_kind)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -148,6 +169,9 @@ class Manifest:
                 tokenizer_files=tuple(FileEntry(**f) for f in data["tokenizer_files"]),
                 clean_up_tokenization_spaces=bool(data["clean_up_tokenization_spaces"]),
                 versions=dict(data["versions"]),
+                pooling=str(data.get("pooling", "cls")),
+                normalize=bool(data.get("normalize", True)),
+                query_instruction=data.get("query_instruction"),
             )
         except KeyError as exc:
             raise ManifestError(f"manifest is missing the field {exc.args[0]!r}") from None
@@ -157,12 +181,12 @@ class Manifest:
             raise ManifestError(f"manifest has a malformed field: {exc}") from None
 
 
-def graph_shapes(hidden_size: int) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+def graph_shapes(hidden_size: int, kind: str = M3_KIND) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
     """Symbolic shapes written to the manifest and checked against the graph at load."""
     inputs = {name: ["batch", "sequence"] for name in INPUT_NAMES}
-    outputs = {
+    shapes = {
         DENSE: ["batch", str(hidden_size)],
         SPARSE: ["batch", "sequence"],
         COLBERT: ["batch", "sequence-1", str(hidden_size)],
     }
-    return inputs, outputs
+    return inputs, {name: shapes[name] for name in output_names(kind)}

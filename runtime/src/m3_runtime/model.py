@@ -115,6 +115,9 @@ class M3Model:
             self.max_length if passage_max_length is None else passage_max_length, "passage_max_length"
         )
         self.special = manifest.special_tokens
+        self.kind = manifest.model_kind
+        self.outputs = manifest.output_names
+        self.query_instruction = manifest.query_instruction
         # Most texts per ONNX Runtime call whatever batch_size a call asks for (None: no cap).
         self._rows_cap: int | None = 1 if (exact_batches and info.dynamic_activations) else None
         self.tokenizer = M3Tokenizer(
@@ -159,7 +162,7 @@ class M3Model:
         inputs = [(i.name, i.type) for i in self.session.get_inputs()]
         expected_inputs = [(name, "tensor(int64)") for name in INPUT_NAMES]
         outputs = sorted(o.name for o in self.session.get_outputs())
-        expected_outputs = sorted((DENSE, SPARSE, COLBERT))
+        expected_outputs = sorted(self.outputs)
         if inputs != expected_inputs or outputs != expected_outputs:
             raise PackageError(
                 f"{graph} does not have the M3 graph interface: expected inputs {expected_inputs} and outputs "
@@ -185,6 +188,11 @@ class M3Model:
     ) -> _Encoded:
         if not (dense or sparse or colbert):
             raise ValueError("ask for at least one of return_dense, return_sparse, return_colbert_vecs")
+        if (sparse or colbert) and SPARSE not in self.outputs:
+            raise ValueError(
+                f"{self.package.root} is a dense-only model ({self.package.manifest.source.get('id')}): "
+                "it has no sparse or ColBERT output; use return_sparse=False, return_colbert_vecs=False"
+            )
         self._check_positive(batch_size, "batch_size")
         self._check_length(max_length, "max_length")
         n = len(texts)
@@ -260,7 +268,16 @@ class M3Model:
         return_sparse: bool = False,
         return_colbert_vecs: bool = False,
     ) -> EncodeResult:
-        """``encode`` with ``query_max_length`` as the default truncation (no instruction for M3)."""
+        """``encode`` with ``query_max_length`` as the default truncation.
+
+        The package's query instruction, if any (e.g. bge-*-en-v1.5's "Represent this
+        sentence for searching relevant passages: "), is prepended to every query, as
+        FlagEmbedding does; BGE-M3 has none.
+        """
+        if self.query_instruction:
+            texts, single = _as_texts(queries, "queries")
+            prefixed = [self.query_instruction + q for q in texts]
+            queries = prefixed[0] if single else prefixed
         return self.encode(
             queries,
             batch_size,
@@ -296,6 +313,11 @@ class M3Model:
         ``colbert+sparse+dense``: lists of floats, or floats for a single pair.
         ``weights_for_different_modes`` is ``[dense, sparse, colbert]`` (default 1, 1, 1).
         """
+        if SPARSE not in self.outputs:
+            raise ValueError(
+                f"compute_score needs sparse and ColBERT outputs, and {self.package.root} is a dense-only model: "
+                "score with encode_queries(...)['dense_vecs'] @ encode_corpus(...)['dense_vecs'].T"
+            )
         weights = [1.0, 1.0, 1.0] if weights_for_different_modes is None else list(weights_for_different_modes)
         if len(weights) != 3 or not all(isinstance(w, (int, float)) for w in weights):
             raise ValueError(f"weights_for_different_modes must be 3 numbers [dense, sparse, colbert], got {weights!r}")
