@@ -186,3 +186,23 @@ def test_runtime_distribution_does_not_depend_on_torch():
 
     reqs = " ".join(requires("m3-runtime") or []).lower()
     assert "torch" not in reqs and "transformers" not in reqs
+
+
+def test_sigterm_leaves_no_partial_package(tmp_path):
+    """A killed export removes its temporary folder and writes nothing at OUT."""
+    import signal
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [str(BIN / "m3-export"), str(CHECKPOINT), str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".killed.partial-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".killed.partial-*")), "the export never started writing"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    assert not list(tmp_path.glob(".killed.partial-*")) and not out.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from m3_runtime.contract import DENSE_KIND, M3_KIND, VARIANTS
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         return 0
     args = build_parser().parse_args(argv)
+    # SIGTERM ends the export through SystemExit, so its temporary folder is removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
         export_package(
             args.src,

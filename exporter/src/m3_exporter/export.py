@@ -309,10 +309,11 @@ def _int8_exclusions(
     ids = tokenizer.encode(calibration_paragraphs(30) + list(VALIDATION_TEXTS), 128)
     ratios = outliers.outlier_ratios(fp32, ids, pad_id)
     keep = outliers.keep_in_fp32(fp32, ratios, budget)
+    values = sorted(ratios.values())
     say(
-        f"      keeping {len(keep)} of {len(ratios)} MatMuls in fp32 (input max/rms "
-        + ", ".join(f"{ratios[k]:.0f}" for k in keep)
-        + f"; next {max((v for k, v in ratios.items() if k not in keep), default=0):.0f})"
+        f"      keeping {len(keep)} of {len(ratios)} MatMuls in fp32: input max/rms highest {values[-1]:.0f}, "
+        f"median {values[len(values) // 2]:.0f}; kept: {', '.join(f'{ratios[k]:.0f}' for k in keep) or 'none'} "
+        f"(>= {outliers.OUTLIER_FACTOR:g}x median, within {budget:.0%} of the weights)"
     )
     return keep
 
