@@ -51,22 +51,34 @@ def test_token_budget_invariance(package_dir, texts):
     )
 
 
-def test_companions_do_not_change_a_text(fp32, texts):
-    alone = [_encode(fp32, [t]) for t in texts[:6]]
-    together = _encode(fp32, texts)
+@pytest.mark.parametrize("variant", ["fp32", "int8"])
+def test_companions_do_not_change_a_text(package_dir, texts, variant):
+    model = M3Model(package_dir, variant=variant)
+    alone = [_encode(model, [t]) for t in texts[:6]]
+    together = _encode(model, texts)
     for i, a in enumerate(alone):
         np.testing.assert_allclose(a["dense_vecs"][0], together["dense_vecs"][i], atol=1e-5, rtol=0)
         np.testing.assert_allclose(a["colbert_vecs"][0], together["colbert_vecs"][i], atol=1e-5, rtol=0)
 
 
-def test_order_is_restored(fp32, texts):
-    base = _encode(fp32, texts)
+@pytest.mark.parametrize("variant", ["fp32", "int8"])
+def test_order_is_restored(package_dir, texts, variant):
+    model = M3Model(package_dir, variant=variant)
+    base = _encode(model, texts)
     perm = np.random.default_rng(7).permutation(len(texts))
-    shuffled = _encode(fp32, [texts[i] for i in perm])
+    shuffled = _encode(model, [texts[i] for i in perm])
     np.testing.assert_allclose(shuffled["dense_vecs"], base["dense_vecs"][perm], atol=1e-5, rtol=0)
     for k, i in enumerate(perm):
         assert shuffled["colbert_vecs"][k].shape == base["colbert_vecs"][i].shape
         assert list(shuffled["lexical_weights"][k]) == list(base["lexical_weights"][i])
+
+
+def test_int8_batched_together_depends_on_companions(package_dir, texts):
+    """Why exact_batches is the default: dynamic int8 scales activations per run, padding included."""
+    batched = M3Model(package_dir, variant="int8", exact_batches=False, pad_batches=True)
+    alone = _encode(batched, [texts[0]])["dense_vecs"][0]
+    together = _encode(batched, texts)["dense_vecs"][0]
+    assert np.abs(alone - together).max() > 1e-4
 
 
 def test_plan_batches_respects_both_bounds():

@@ -171,3 +171,25 @@ def test_unsupported_pooling_is_refused(minilm_dir, tmp_path):
     pooling.write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"pooling \['pooling_mode_max_tokens'\] is not supported"):
         export_package(str(ckpt), tmp_path / "out", say=lambda _m: None)
+
+
+def test_cli_encode_defaults_to_dense_on_a_dense_package(minilm_pkg):
+    import subprocess
+    import sys
+
+    res = subprocess.run(
+        [str(Path(sys.executable).parent / "m3"), "encode", str(minilm_pkg), "--variant", "fp32", "hello world"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr
+    row = json.loads(res.stdout)
+    assert set(row) == {"index", "dense"} and len(row["dense"]) == 384
+    res = subprocess.run(
+        [str(Path(sys.executable).parent / "m3"), "encode", str(minilm_pkg), "--sparse", "hello"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 2 and "dense-only model" in res.stderr

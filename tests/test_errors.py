@@ -133,3 +133,68 @@ def test_missing_variant_and_package(copy, tmp_path):
 def test_convert_id_to_token_rejects_non_ids(fp32):
     with pytest.raises(ValueError, match="not a token id"):
         fp32.convert_id_to_token({"hello": 1.0})
+
+
+def test_missing_onnxruntime_names_both_extras(monkeypatch):
+    import sys
+
+    from m3_runtime.session import import_ort
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # "not installed"
+    with pytest.raises(ImportError, match=r"m3-runtime\[cpu\].*m3-runtime\[gpu\]"):
+        import_ort()
+
+
+def test_graph_with_the_wrong_interface_is_refused(copy):
+    """A graph whose outputs are not the contract's is refused at load, showing expected and found."""
+    import onnx
+    from m3_runtime.package import file_entry
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["input_ids"], ["embeddings"], to=TensorProto.FLOAT),
+            helper.make_node("Add", ["embeddings", "w"], ["out"]),
+        ],
+        "wrong",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"]),
+            helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"]),
+        ],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["b", "s"])],
+        [numpy_helper.from_array(np.zeros(1, dtype=np.float32), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    (copy / "model.fp32.onnx.data").unlink()
+    onnx.save_model(
+        model,
+        str(copy / "model.fp32.onnx"),
+        save_as_external_data=True,
+        location="model.fp32.onnx.data",
+        size_threshold=0,
+    )
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["variants"]["fp32"]["files"] = [
+        file_entry(copy, copy / name).__dict__ for name in ("model.fp32.onnx", "model.fp32.onnx.data")
+    ]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PackageError, match=r"does not have the M3 graph interface: expected .* found .*'out'"):
+        M3Model(copy, variant="fp32")
+
+
+def test_export_refuses_a_file_as_out(tmp_path):
+    from m3_exporter import export_package
+
+    from .conftest import CHECKPOINT
+
+    target = tmp_path / "file.txt"
+    target.write_text("not a folder")
+    with pytest.raises(FileExistsError, match="exists and is not a folder"):
+        export_package(str(CHECKPOINT), target, say=lambda _m: None)
+    assert target.read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("bad", [b"bytes", {"a": 1}, 3.5])
+def test_non_text_containers_are_refused(fp32, bad):
+    with pytest.raises(TypeError, match="str or a list of str"):
+        fp32.encode(bad)

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from m3_runtime.contract import DENSE_KIND, M3_KIND
+from m3_runtime.contract import DENSE_KIND, M3_KIND, TOKENIZER_FILE
 from m3_runtime.package import sha256_file
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -166,7 +166,7 @@ def inspect_checkpoint(
         raise CheckpointError(f"kind must be {M3_KIND!r} or {DENSE_KIND!r}, got {kind!r}")
     st = st or {}
 
-    tokenizer_json: Path | None = path / "tokenizer.json"
+    tokenizer_json: Path | None = path / TOKENIZER_FILE
     if tokenizer_json.is_file():
         from tokenizers import Tokenizer
 

@@ -19,6 +19,7 @@ why the fp16 (GPU) variant is left unfused.
 from __future__ import annotations
 
 import onnx
+from m3_runtime.contract import INPUT_NAMES
 from onnx import TensorProto, helper
 
 MS_DOMAIN = "com.microsoft"
@@ -72,7 +73,7 @@ def _prune(graph: onnx.GraphProto) -> None:
     graph.initializer.extend(inits)
 
 
-def add_flash_path(model: onnx.ModelProto, mask_input: str = "attention_mask") -> int:
+def add_flash_path(model: onnx.ModelProto, mask_input: str = INPUT_NAMES[1]) -> int:
     """Rewrite every masked MultiHeadAttention into the If above; returns how many."""
     graph = model.graph
     mha_nodes = [n for n in graph.node if n.op_type == "MultiHeadAttention" and n.domain == MS_DOMAIN]

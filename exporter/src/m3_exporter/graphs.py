@@ -34,7 +34,7 @@ def export_graph(model, path: Path, *, opset: int, max_length: int, outputs: tup
     attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]], dtype=torch.int64)
     batch = torch.export.Dim("batch", min=1)
     sequence = torch.export.Dim("sequence", min=1, max=max_length)
-    dynamic = {"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence}}
+    dynamic = {name: {0: batch, 1: sequence} for name in INPUT_NAMES}
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

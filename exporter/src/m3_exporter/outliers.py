@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 from m3_runtime.batching import pad_batch
-from m3_runtime.contract import INPUT_NAMES
+from m3_runtime.contract import CPU, INPUT_NAMES
 
 DEFAULT_BUDGET = 0.06
 OUTLIER_FACTOR = 3.0
@@ -60,7 +60,7 @@ def outlier_ratios(fp32_graph: Path, ids: Sequence[list[int]], pad_id: int, batc
         del model
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), sess_options=options, providers=[CPU])
         for start in range(0, len(ids), batch):
             input_ids, mask = pad_batch(ids[start : start + batch], pad_id)
             values = session.run(wanted, {INPUT_NAMES[0]: input_ids, INPUT_NAMES[1]: mask})

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 from m3_runtime.batching import pad_batch
-from m3_runtime.contract import COLBERT, DENSE, INPUT_NAMES, SPARSE
+from m3_runtime.contract import COLBERT, CPU, DENSE, INPUT_NAMES, SPARSE
 from m3_runtime.scoring import colbert_score, lexical_weights
 
 FP32_TOLERANCE = 1e-4
@@ -77,7 +77,7 @@ def onnx_outputs(graph: Path, ids: Sequence[list[int]], pad_id: int) -> Outputs:
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(graph), sess_options=options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(graph), sess_options=options, providers=[CPU])
 
     names = [o.name for o in session.get_outputs()]
 

@@ -7,8 +7,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from .contract import VARIANTS
-from .package import PackageError, load_package
+from .contract import SPARSE, VARIANTS
+from .package import load_package
 from .session import available_providers, default_variant
 
 
@@ -29,9 +29,9 @@ def _texts(items: Sequence[str]) -> list[str]:
 def cmd_encode(args: argparse.Namespace) -> None:
     texts = _texts(args.texts)
     dense, sparse, colbert = args.dense, args.sparse, args.colbert
-    if not (dense or sparse or colbert):
-        dense = sparse = True
     model = _model(args)
+    if not (dense or sparse or colbert):
+        dense, sparse = True, SPARSE in model.outputs  # dense-only packages have no sparse output
     out = model.encode(
         texts, max_length=args.max_length, return_dense=dense, return_sparse=sparse, return_colbert_vecs=colbert
     )
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sub.choices[args.command].parse_intermixed_args(argv[argv.index(args.command) + 1 :])
     try:
         args.func(args)
-    except (PackageError, ValueError, TypeError, ImportError) as exc:
+    except (RuntimeError, ValueError, TypeError, ImportError) as exc:  # PackageError is a RuntimeError
         print(f"m3: error: {exc}", file=sys.stderr)
         return 2
     return 0

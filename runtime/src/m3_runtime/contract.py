@@ -43,13 +43,17 @@ def output_names(kind: str) -> tuple[str, ...]:
 Variant = Literal["fp32", "fp16", "int8"]
 VARIANTS: tuple[Variant, ...] = get_args(Variant)
 
+TENSORRT = "TensorrtExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
 # Which execution providers each variant is built for. fp16 on the CPU provider runs,
 # but slower than fp32 (casts and fp32 fallbacks); int8 through ORT on GPUs is slower
 # than fp16.
 PROVIDERS_FOR_VARIANT: dict[Variant, tuple[str, ...]] = {
-    "fp32": ("CPUExecutionProvider", "CUDAExecutionProvider"),
-    "fp16": ("TensorrtExecutionProvider", "CUDAExecutionProvider"),
-    "int8": ("CPUExecutionProvider",),
+    "fp32": (CPU, CUDA),
+    "fp16": (TENSORRT, CUDA),
+    "int8": (CPU,),
 }
 
 

@@ -13,7 +13,7 @@ from . import scoring
 from .batching import pad_batch, plan_batches
 from .contract import COLBERT, DENSE, INPUT_NAMES, SPARSE, TOKENIZER_FILE, Variant
 from .package import PackageError, load_package
-from .session import CPU, GPU_PROVIDERS, SessionConfig, available_providers, create_session, default_variant
+from .session import CPU, GPU_PROVIDERS, TENSORRT, SessionConfig, available_providers, create_session, default_variant
 from .tokenize import M3Tokenizer
 
 EncodeResult = dict[str, Any]
@@ -64,8 +64,8 @@ class M3Model:
         exact_batches: for variants that quantize activations per run (dynamic int8, whose
             scale is taken over the whole batch, padding included), run each text alone
             so its result never depends on its batch companions. ``False`` batches them
-            like the other variants: faster on short texts, but results then move by up
-            to ~1e-2 with the batch.
+            like the other variants, but results then move with the batch (up to
+            2.5e-2 on the tiny checkpoint).
         pad_batches: whether texts of different lengths share a (padded) batch. ``None``:
             only on GPU providers; on the CPU a padded batch takes the masked attention
             kernel and ran 2x slower than texts of one length (see ``batching``).
@@ -139,7 +139,7 @@ class M3Model:
         graph = self.package.graph_path(self.variant)
         cache_key = next(f.sha256[:16] for f in info.files if f.path == info.graph)
         self.session, self.providers = create_session(graph, wanted, config, cache_key=cache_key)
-        if "TensorrtExecutionProvider" in self.providers:  # stay inside the TensorRT shape profile
+        if TENSORRT in self.providers:  # stay inside the TensorRT shape profile
             self._rows_cap = min(self._rows_cap or config.trt_max_batch, config.trt_max_batch)
         self._check_graph(graph)
         self.pad_batches = any(p in GPU_PROVIDERS for p in self.providers) if pad_batches is None else pad_batches

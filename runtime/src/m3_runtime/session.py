@@ -9,16 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .contract import INPUT_NAMES, Variant
+from .contract import CPU, CUDA, INPUT_NAMES, TENSORRT, Variant
 
 if TYPE_CHECKING:
     import onnxruntime
 
 log = logging.getLogger("m3_runtime")
 
-TENSORRT = "TensorrtExecutionProvider"
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
 GPU_PROVIDERS = (TENSORRT, CUDA)
 
 _warned: set[str] = set()
