@@ -198,3 +198,18 @@ def test_export_refuses_a_file_as_out(tmp_path):
 def test_non_text_containers_are_refused(fp32, bad):
     with pytest.raises(TypeError, match="str or a list of str"):
         fp32.encode(bad)
+
+
+def test_missing_provider_falls_back_to_cpu_and_says_so(package_dir):
+    import warnings
+
+    from m3_runtime import session
+
+    session._warned.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model = M3Model(package_dir, variant="fp32", providers=["CUDAExecutionProvider"])
+        M3Model(package_dir, variant="fp32", providers=["CUDAExecutionProvider"])
+    assert model.providers == ["CPUExecutionProvider"]
+    said = [w for w in caught if "has no CUDAExecutionProvider" in str(w.message)]
+    assert len(said) == 1  # once, not per model
