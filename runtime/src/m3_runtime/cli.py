@@ -102,6 +102,21 @@ def cmd_info(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .model import M3Model
+    from .server import ServerConfig, serve
+
+    model = M3Model(args.package, variant=args.variant, batch_size=args.batch_size)
+    config = ServerConfig(
+        max_batch_tokens=args.max_batch_tokens,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        max_texts=args.max_texts,
+        max_chars=args.max_chars,
+    )
+    serve(model, host=args.host, port=args.port, config=config)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m3", description="BGE-M3 runtime: dense, sparse and ColBERT outputs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -129,6 +144,17 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--max-passage-length", type=int, default=None)
     score.add_argument("--weights", type=_weights, default=None, help="dense,sparse,colbert weights (default 1,1,1)")
     score.set_defaults(func=cmd_score)
+
+    srv = sub.add_parser("serve", help="HTTP server with dynamic batching (needs m3-runtime[server])")
+    common(srv)
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--max-batch-tokens", type=int, default=16384, help="tokens gathered into one model call")
+    srv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long the first request waits for company")
+    srv.add_argument("--max-queue", type=int, default=4096, help="texts waiting before requests get 429")
+    srv.add_argument("--max-texts", type=int, default=512, help="texts per request (413 above)")
+    srv.add_argument("--max-chars", type=int, default=200_000, help="characters per text (413 above)")
+    srv.set_defaults(func=cmd_serve)
 
     info = sub.add_parser("info", help="show the package manifest and the providers available")
     info.add_argument("package")
