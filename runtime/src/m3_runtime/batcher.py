@@ -55,6 +55,7 @@ class Batcher:
         self.max_batch_tokens = max_batch_tokens
         self.max_wait = max_wait_ms / 1000
         self.max_queue = max_queue
+        self.starve_s = 2.0
         self.pending: list[_Job] = []
         self.queued_texts = 0
         self.stats = Stats()
@@ -98,7 +99,7 @@ class Batcher:
                     return
                 self._wake.clear()
                 await self._wake.wait()
-            first = self.pending[0]
+            first = min(self.pending, key=lambda j: j.queued_at)
             deadline = first.queued_at + self.max_wait
             while time.perf_counter() < deadline and self._batch_tokens(first.options) < self.max_batch_tokens:
                 self._wake.clear()
@@ -137,9 +138,13 @@ class Batcher:
         return sum(job.tokens for job in self.pending if job.options == options)
 
     def _take(self, options: Options) -> list[_Job]:
+        """Shortest requests first, so a short query does not wait behind passages;
+        a request waiting longer than ``starve_s`` goes first whatever its size."""
         taken: list[_Job] = []
         tokens = 0
-        for job in list(self.pending):
+        now = time.perf_counter()
+        order = sorted(self.pending, key=lambda j: (now - j.queued_at < self.starve_s, j.tokens))
+        for job in order:
             if job.options != options or job.future.done():
                 continue
             if taken and tokens + job.tokens > self.max_batch_tokens:

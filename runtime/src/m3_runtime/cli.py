@@ -149,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(srv)
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--max-batch-tokens", type=int, default=16384, help="tokens gathered into one model call")
+    srv.add_argument("--max-batch-tokens", type=int, default=2048, help="tokens gathered into one model call")
     srv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long the first request waits for company")
     srv.add_argument("--max-queue", type=int, default=4096, help="texts waiting before requests get 429")
     srv.add_argument("--max-texts", type=int, default=512, help="texts per request (413 above)")

@@ -44,7 +44,7 @@ class RequestError(Exception):
 
 @dataclass
 class ServerConfig:
-    max_batch_tokens: int = 16384
+    max_batch_tokens: int = 2048
     max_wait_ms: float = 5.0
     max_queue: int = 4096
     max_texts: int = 512
