@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -32,12 +31,6 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def make_requests(n: int) -> list[list[str]]:
@@ -99,8 +92,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=HERE / "serve_results.json")
     args = parser.parse_args()
 
-    import httpx
     from m3_runtime import M3Model
+    from m3_runtime.server import free_port, wait_until_healthy
 
     requests = make_requests(args.requests)
     flat = [t for r in requests for t in r]
@@ -114,7 +107,7 @@ def main() -> None:
     del model
     print(f"direct encode ({variant}): {tokens} tokens, {direct_tps:.1f} tokens/s", flush=True)
 
-    port = _free_port()
+    port = free_port()
     cmd = [
         str(Path(sys.executable).parent / "m3"),
         "serve",
@@ -128,15 +121,7 @@ def main() -> None:
     url = f"http://127.0.0.1:{port}"
     levels = []
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        else:
-            raise SystemExit("server did not become healthy")
+        wait_until_healthy(url, 300)
         for c in (int(x) for x in args.concurrency.split(",")):
             level = asyncio.run(run_level(url, requests, c, args.deadline))
             k = 0

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -16,15 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from m3_runtime import M3Model
+from m3_runtime.server import free_port, wait_until_healthy
 
 httpx = pytest.importorskip("httpx")  # installed with the test tools
 uvicorn = pytest.importorskip("uvicorn")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -32,19 +26,13 @@ def server(package_dir):
     from m3_runtime.server import ServerConfig, create_app
 
     model = M3Model(package_dir, variant="fp32")
-    port = _free_port()
+    port = free_port()
     config = ServerConfig(max_texts=100, max_chars=5000, max_queue=64, max_wait_ms=20)
     srv = uvicorn.Server(uvicorn.Config(create_app(model, config), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.05)
+    wait_until_healthy(url, 60)
     yield url, model
     srv.should_exit = True
     thread.join(timeout=30)
@@ -173,7 +161,7 @@ def test_concurrent_requests_get_their_own_results(server):
 
 
 def test_sigterm_drains_in_flight_requests(package_dir):
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [str(Path(sys.executable).parent / "m3"), "serve", str(package_dir), "--variant", "fp32", "--port", str(port)],
         stdout=subprocess.DEVNULL,
@@ -182,13 +170,7 @@ def test_sigterm_drains_in_flight_requests(package_dir):
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        wait_until_healthy(url, 120)
         with ThreadPoolExecutor(1) as pool:
             pending = pool.submit(
                 httpx.post, url + "/encode", json={"texts": ["long " * 4000], "colbert": True}, timeout=120

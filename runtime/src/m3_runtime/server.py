@@ -305,6 +305,32 @@ def create_app(model: M3Model, config: ServerConfig | None = None, *, warm: bool
     return Starlette(routes=routes, lifespan=lifespan)
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (for tests and load tests on loopback)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_until_healthy(url: str, timeout_s: float = 120) -> None:
+    """Poll ``url/health`` until it answers 200; TimeoutError after ``timeout_s``."""
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as res:
+                if res.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not become healthy within {timeout_s:.0f} s")
+
+
 def serve(model: M3Model, *, host: str, port: int, config: ServerConfig) -> None:
     try:
         import uvicorn
