@@ -27,6 +27,7 @@ from typing import Any
 OUTPUT_KINDS = ("dense", "sparse", "colbert")
 INPUT_SUFFIXES = (".parquet", ".jsonl", ".json")
 ROW = "__m3_row"
+FILE = "__m3_file"
 
 
 class CorpusError(ValueError):
@@ -136,6 +137,7 @@ class Embedder:
         cols: dict[str, Any] = {
             job.id_column: batch[job.id_column],
             ROW: batch[ROW],
+            FILE: batch[FILE],
             "tokens": pa.array([len(x) for x in self.model.tokenizer.encode(texts, self.max_length)], pa.int32()),
         }
         if out["dense_vecs"] is not None:
@@ -177,6 +179,7 @@ def embed_corpus(
 ) -> Summary:
     """Embed every input file not yet done; returns counts. Ray must be initialised."""
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
     import ray
     import ray.data
@@ -192,6 +195,7 @@ def embed_corpus(
     summary = Summary()
     threads = _threads_per_actor(job.workers)
     start_all = time.perf_counter()
+    pending: list[tuple[Path, Path, Any, int]] = []  # (input, output, rows, bad rows)
     for path in files:
         target = output_path(out, path, inp)
         if target.exists():
@@ -199,40 +203,61 @@ def embed_corpus(
             say(f"skip {path} (done: {target.name})")
             continue
         table, n_bad = read_table(path, job)
-        start = time.perf_counter()
-        if table.num_rows:
-            # One block per batch of rows, so every actor of the pool gets work.
-            blocks = [table.slice(i, job.batch_rows) for i in range(0, table.num_rows, job.batch_rows)]
-            ds = ray.data.from_arrow(blocks).map_batches(
-                Embedder,
-                fn_constructor_kwargs={"job": job, "threads": threads},
-                concurrency=job.workers,
-                batch_size=job.batch_rows,
-                batch_format="pyarrow",
-                num_cpus=threads,
-            )
-            result = pa.concat_tables(ray.get(ds.to_arrow_refs())).sort_by(ROW)
-        else:
-            result = table.drop_columns([job.text_column])  # no rows left: an empty output, still "done"
-        ids_in = table[job.id_column].to_pylist()
-        ids_out = result[job.id_column].to_pylist()
+        pending.append(
+            (path, target, table.append_column(FILE, pa.array([len(pending)] * table.num_rows, pa.int32())), n_bad)
+        )
+
+    def write(k: int, parts: list) -> None:
+        path, target, table, n_bad = pending[k]
+        result = (pa.concat_tables(parts) if parts else table.drop_columns([job.text_column])).sort_by(ROW)
+        ids_in, ids_out = table[job.id_column].to_pylist(), result[job.id_column].to_pylist()
         if ids_in != ids_out:
             raise RuntimeError(f"{path}: {len(ids_in)} ids in, {len(ids_out)} out, or out of order; not written")
-        result = result.drop_columns([ROW])
+        result = result.drop_columns([ROW, FILE])
         partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
         pq.write_table(result, partial)
         partial.rename(target)
-        seconds = time.perf_counter() - start
         tokens = int(sum(result["tokens"].to_pylist())) if "tokens" in result.column_names else 0
+        seconds = time.perf_counter() - start_all
         summary.files_done += 1
         summary.rows += result.num_rows
         summary.bad_rows += n_bad
         summary.tokens += tokens
-        summary.per_file.append({"file": str(path), "rows": result.num_rows, "bad_rows": n_bad, "seconds": seconds})
+        summary.per_file.append({"file": str(path), "rows": result.num_rows, "bad_rows": n_bad})
         say(
-            f"done {path}: {result.num_rows} rows ({n_bad} bad skipped), {tokens} tokens in {seconds:.1f} s "
-            f"= {result.num_rows / max(seconds, 1e-9):.1f} rows/s, {tokens / max(seconds, 1e-9):.0f} tokens/s"
+            f"done {path}: {result.num_rows} rows ({n_bad} bad skipped); so far {summary.rows} rows, {summary.tokens} "
+            f"tokens in {seconds:.1f} s = {summary.rows / max(seconds, 1e-9):.1f} rows/s, "
+            f"{summary.tokens / max(seconds, 1e-9):.0f} tokens/s"
         )
+
+    # One pipeline over every pending file, so the actors (and their loaded models)
+    # live for the whole run; a file is written as soon as all its rows are back.
+    blocks = [t.slice(i, job.batch_rows) for _, _, t, _ in pending for i in range(0, t.num_rows, job.batch_rows)]
+    remaining = {k: t.num_rows for k, (_, _, t, _) in enumerate(pending)}
+    parts: dict[int, list] = {k: [] for k in remaining}
+    for k in [k for k, n in remaining.items() if n == 0]:
+        write(k, [])
+        del remaining[k]
+    if blocks:
+        ds = ray.data.from_arrow(blocks).map_batches(
+            Embedder,
+            fn_constructor_kwargs={"job": job, "threads": threads},
+            concurrency=job.workers,
+            batch_size=job.batch_rows,
+            batch_format="pyarrow",
+            num_cpus=threads,
+        )
+        batch: Any
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for k in sorted(set(batch[FILE].to_pylist())):
+                part = batch.filter(pc.equal(batch[FILE], k))
+                parts[k].append(part)
+                remaining[k] -= part.num_rows
+                if remaining[k] == 0:
+                    write(k, parts.pop(k))
+                    del remaining[k]
+    if remaining:
+        raise RuntimeError(f"rows missing for {[str(pending[k][0]) for k in remaining]}; those files were not written")
     summary.seconds = time.perf_counter() - start_all
     say(
         f"summary: {summary.files_done} files embedded, {summary.files_skipped} already done, {summary.rows} rows, "
