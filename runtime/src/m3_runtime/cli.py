@@ -132,6 +132,7 @@ def cmd_embed_corpus(args: argparse.Namespace) -> None:
         on_bad_text=args.on_bad_text,
         workers=args.workers,
         batch_rows=args.batch_rows,
+        batch_tokens=args.batch_tokens,
     )
     init_ray(args.ray_address, args.workers)
     embed_corpus(job, Path(args.input), Path(args.output))
@@ -193,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     corpus.add_argument("--workers", type=int, default=1, help="model actors")
     corpus.add_argument("--batch-rows", type=int, default=256, help="rows per map_batches call")
+    corpus.add_argument("--batch-tokens", type=int, default=16384, help="token budget of each actor's model batches")
     corpus.set_defaults(func=cmd_embed_corpus)
 
     info = sub.add_parser("info", help="show the package manifest and the providers available")

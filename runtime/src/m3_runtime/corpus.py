@@ -45,6 +45,7 @@ class CorpusJob:
     on_bad_text: str = "skip"  # or "fail"
     workers: int = 1
     batch_rows: int = 256
+    batch_tokens: int = 16384  # padded-token budget of each actor's model batches
 
 
 @dataclass
@@ -117,7 +118,7 @@ class Embedder:
         from .model import M3Model
 
         self.job = job
-        self.model = M3Model(job.package, intra_op_threads=threads)
+        self.model = M3Model(job.package, intra_op_threads=threads, max_batch_tokens=job.batch_tokens)
         self.max_length = job.max_length or self.model.passage_max_length
 
     def __call__(self, batch):
