@@ -135,7 +135,7 @@ def cmd_embed_corpus(args: argparse.Namespace) -> None:
         batch_tokens=args.batch_tokens,
     )
     init_ray(args.ray_address, args.workers)
-    embed_corpus(job, Path(args.input), Path(args.output))
+    embed_corpus(job, args.input, args.output)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     corpus = sub.add_parser("embed-corpus", help="embed Parquet/JSONL files with Ray Data (needs m3-runtime[ray])")
     corpus.add_argument("package")
-    corpus.add_argument("input", help="a .parquet/.jsonl file or a folder of them")
-    corpus.add_argument("output", help="folder for one .parquet per input file")
+    corpus.add_argument("input", help="a .parquet/.jsonl file or a folder of them (path or URI: file://, s3://, ...)")
+    corpus.add_argument("output", help="folder for one .parquet per input file (path or URI)")
     corpus.add_argument("--text-column", default="text")
     corpus.add_argument("--id-column", default="id")
     corpus.add_argument("--outputs", default="dense,sparse", help="comma-separated: dense, sparse, colbert")

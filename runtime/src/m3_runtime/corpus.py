@@ -59,25 +59,52 @@ class Summary:
     per_file: list[dict[str, Any]] = field(default_factory=list)
 
 
-def list_inputs(root: Path) -> list[Path]:
-    if root.is_file():
+def resolve(location: str | Path) -> tuple[Any, str]:
+    """(pyarrow filesystem, path in it) for a local path or a URI (file://, s3://, gs://, ...)."""
+    from pyarrow import fs
+
+    text = str(location)
+    if "://" in text:
+        try:
+            return fs.FileSystem.from_uri(text)
+        except Exception as exc:
+            raise CorpusError(f"cannot open {text}: {exc}") from None
+    return fs.LocalFileSystem(), str(Path(text).expanduser().resolve())
+
+
+def _exists(filesystem: Any, path: str) -> bool:
+    from pyarrow import fs
+
+    return filesystem.get_file_info(path).type != fs.FileType.NotFound
+
+
+def list_inputs(filesystem: Any, root: str) -> list[str]:
+    from pyarrow import fs
+
+    info = filesystem.get_file_info(root)
+    if info.type == fs.FileType.File:
         return [root]
-    if not root.is_dir():
+    if info.type != fs.FileType.Directory:
         raise CorpusError(f"input {root} does not exist")
+    found = filesystem.get_file_info(fs.FileSelector(root, recursive=True))
     files = sorted(
-        p for p in root.rglob("*") if p.is_file() and p.suffix in INPUT_SUFFIXES and not p.name.startswith(".")
+        f.path
+        for f in found
+        if f.type == fs.FileType.File
+        and f.extension in {s[1:] for s in INPUT_SUFFIXES}
+        and not f.base_name.startswith(".")
     )
     if not files:
         raise CorpusError(f"input {root} holds no {', '.join(INPUT_SUFFIXES)} files")
     return files
 
 
-def output_path(out_dir: Path, inp: Path, root: Path) -> Path:
-    rel = inp.name if root.is_file() else inp.relative_to(root).as_posix()
-    return out_dir / (rel.replace("/", "__").rsplit(".", 1)[0] + ".parquet")
+def output_path(out_dir: str, inp: str, root: str, root_is_file: bool) -> str:
+    rel = inp.rsplit("/", 1)[-1] if root_is_file else inp[len(root.rstrip("/")) + 1 :]
+    return f"{out_dir.rstrip('/')}/" + rel.replace("/", "__").rsplit(".", 1)[0] + ".parquet"
 
 
-def read_table(path: Path, job: CorpusJob):
+def read_table(filesystem: Any, path: str, job: CorpusJob):
     """The input rows with a row-number column; bad texts skipped (counted) or refused by file and row."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -85,7 +112,11 @@ def read_table(path: Path, job: CorpusJob):
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path) if path.suffix == ".parquet" else pj.read_json(path)
+        if path.endswith(".parquet"):
+            table = pq.read_table(path, filesystem=filesystem)
+        else:
+            with filesystem.open_input_stream(path) as stream:
+                table = pj.read_json(stream)
     except Exception as exc:
         raise CorpusError(f"cannot read {path}: {exc}") from None
     for col in (job.text_column, job.id_column):
@@ -173,8 +204,8 @@ def _threads_per_actor(workers: int) -> int:
 
 def embed_corpus(
     job: CorpusJob,
-    inp: Path,
-    out: Path,
+    inp: str | Path,
+    out: str | Path,
     *,
     say: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True),
 ) -> Summary:
@@ -184,26 +215,31 @@ def embed_corpus(
     import pyarrow.parquet as pq
     import ray
     import ray.data
+    from pyarrow import fs
 
     bad_outputs = [o for o in job.outputs if o not in OUTPUT_KINDS]
     if bad_outputs or not job.outputs:
         raise CorpusError(f"--outputs must name some of {', '.join(OUTPUT_KINDS)}, got {list(job.outputs)}")
-    files = list_inputs(inp)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.partial-*"):  # left by a killed run
-        stale.unlink()
+    in_fs, in_root = resolve(inp)
+    out_fs, out_root = resolve(out)
+    files = list_inputs(in_fs, in_root)
+    root_is_file = files == [in_root]
+    out_fs.create_dir(out_root, recursive=True)
+    for stale in out_fs.get_file_info(fs.FileSelector(out_root)):  # left by a killed run
+        if stale.base_name.startswith(".") and ".partial-" in stale.base_name:
+            out_fs.delete_file(stale.path)
     ray.data.DataContext.get_current().enable_progress_bars = False
     summary = Summary()
     threads = _threads_per_actor(job.workers)
     start_all = time.perf_counter()
-    pending: list[tuple[Path, Path, Any, int]] = []  # (input, output, rows, bad rows)
+    pending: list[tuple[str, str, Any, int]] = []  # (input, output, rows, bad rows)
     for path in files:
-        target = output_path(out, path, inp)
-        if target.exists():
+        target = output_path(out_root, path, in_root, root_is_file)
+        if _exists(out_fs, target):
             summary.files_skipped += 1
-            say(f"skip {path} (done: {target.name})")
+            say(f"skip {path} (done: {target})")
             continue
-        table, n_bad = read_table(path, job)
+        table, n_bad = read_table(in_fs, path, job)
         pending.append(
             (path, target, table.append_column(FILE, pa.array([len(pending)] * table.num_rows, pa.int32())), n_bad)
         )
@@ -215,9 +251,10 @@ def embed_corpus(
         if ids_in != ids_out:
             raise RuntimeError(f"{path}: {len(ids_in)} ids in, {len(ids_out)} out, or out of order; not written")
         result = result.drop_columns([ROW, FILE])
-        partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-        pq.write_table(result, partial)
-        partial.rename(target)
+        head, name = target.rsplit("/", 1)
+        partial = f"{head}/.{name}.partial-{os.getpid()}"
+        pq.write_table(result, partial, filesystem=out_fs)
+        out_fs.move(partial, target)  # the final name appears only once the file is whole
         tokens = int(sum(result["tokens"].to_pylist())) if "tokens" in result.column_names else 0
         seconds = time.perf_counter() - start_all
         summary.files_done += 1
