@@ -286,7 +286,18 @@ def embed_corpus(
             num_cpus=threads,
         )
         batch: Any
+        seen_rows = seen_tokens = 0
+        last_report = time.perf_counter()
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            seen_rows += batch.num_rows
+            seen_tokens += int(pc.sum(batch["tokens"]).as_py() or 0)
+            now = time.perf_counter()
+            if now - last_report >= 10:  # progress while it runs, not only per finished file
+                elapsed = now - start_all
+                say(
+                    f"progress: {seen_rows} rows, {seen_rows / elapsed:.1f} rows/s, {seen_tokens / elapsed:.0f} tokens/s"
+                )
+                last_report = now
             for k in sorted(set(batch[FILE].to_pylist())):
                 part = batch.filter(pc.equal(batch[FILE], k))
                 parts[k].append(part)
