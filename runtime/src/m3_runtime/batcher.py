@@ -74,7 +74,8 @@ class Batcher:
         """Run other model work (scoring) on the same single model thread."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    async def encode(self, texts: list[str], options: Options) -> dict[str, Any]:
+    async def encode(self, texts: list[str], options: Options) -> tuple[dict[str, Any], int]:
+        """The request's ``encode`` result and its token count (counted once, for batching and usage)."""
         if self._closing:
             raise QueueFull("server is shutting down")
         if self.queued_texts + len(texts) > self.max_queue:
@@ -85,7 +86,7 @@ class Batcher:
         self.queued_texts += len(texts)
         self._wake.set()
         try:
-            return await job.future
+            return await job.future, job.tokens
         finally:
             if job in self.pending:  # cancelled while queued: never runs
                 self.pending.remove(job)

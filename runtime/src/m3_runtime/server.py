@@ -166,7 +166,7 @@ def create_app(model: M3Model, config: ServerConfig | None = None, *, warm: bool
                 400, f"'dimensions' {dims} is not supported: this model gives {model.hidden_size}-d vectors"
             )
         opts = options(body, dense=True, sparse=False, colbert=False)
-        result = await state["batcher"].encode(texts, opts)
+        result, tokens = await state["batcher"].encode(texts, opts)
         data = [
             {
                 "object": "embedding",
@@ -175,7 +175,6 @@ def create_app(model: M3Model, config: ServerConfig | None = None, *, warm: bool
             }
             for i, v in enumerate(result["dense_vecs"])
         ]
-        tokens = state["batcher"].count_tokens(texts, opts.max_length)
         name = _field(body, "model", str, model.package.manifest.source.get("id", "m3"))
         return JSONResponse(
             {"object": "list", "data": data, "model": name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
@@ -195,7 +194,7 @@ def create_app(model: M3Model, config: ServerConfig | None = None, *, warm: bool
                 422, f"field 'colbert_format' must be list, base64-float32 or base64-float16, got {colbert_format!r}"
             )
         opts = options(body, dense=dense, sparse=sparse, colbert=colbert)
-        result = await state["batcher"].encode(texts, opts)
+        result, tokens = await state["batcher"].encode(texts, opts)
         rows: list[dict[str, Any]] = []
         for i in range(len(texts)):
             row: dict[str, Any] = {}
@@ -220,7 +219,6 @@ def create_app(model: M3Model, config: ServerConfig | None = None, *, warm: bool
                         "data": _b64(vecs.astype(dtype)),
                     }
             rows.append(row)
-        tokens = state["batcher"].count_tokens(texts, opts.max_length)
         return JSONResponse({"results": rows, "usage": {"tokens": tokens}})
 
     async def score(body: dict) -> Response:
