@@ -154,12 +154,10 @@ def ensure_package(checkpoint: Path, package: Path, variants: list[str]) -> None
     export_package(str(checkpoint), package, variants=variants, force=True)  # type: ignore[arg-type]
 
 
-def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
-
-
 def fidelity(base: dict, got: dict) -> dict[str, float]:
     """Variant vs base on the queries + passages workloads: dense cosine, lexical top-10, ColBERT score."""
+    from m3_exporter.validate import cosine as _cos
+
     dense_cos = np.concatenate(
         [_cos(got[w]["arrays"]["dense"], base[w]["arrays"]["dense"]) for w in ("queries", "passages")]
     )

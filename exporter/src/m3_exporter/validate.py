@@ -87,7 +87,8 @@ def onnx_outputs(graph: Path, ids: Sequence[list[int]], pad_id: int) -> Outputs:
     return _collect(ids, run, pad_id)
 
 
-def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Row-wise cosine in float64; two zero rows count as identical (1.0)."""
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     num = (a64 * b64).sum(-1)
     den = np.linalg.norm(a64, axis=-1) * np.linalg.norm(b64, axis=-1)
@@ -100,7 +101,7 @@ def _top10(weights: dict[str, float]) -> set[str]:
 
 def compare(ref: Outputs, got: Outputs, unused: frozenset[int]) -> dict[str, float]:
     dense_ref, dense_got = np.stack(ref.dense), np.stack(got.dense)
-    dense_cos = _cos(dense_ref, dense_got)
+    dense_cos = cosine(dense_ref, dense_got)
     dense = {
         "dense_max_abs": float(np.abs(dense_ref - dense_got).max()),
         "dense_cos_min": float(dense_cos.min()),
@@ -127,7 +128,7 @@ def compare(ref: Outputs, got: Outputs, unused: frozenset[int]) -> dict[str, flo
         "sparse_max_abs": float(max(np.abs(a - b).max() for a, b in zip(ref.sparse, got.sparse, strict=True))),
         "sparse_top10_overlap": float(np.mean(overlaps)) if overlaps else 1.0,
         "colbert_max_abs": float(np.abs(col_ref - col_got).max()),
-        "colbert_cos_min": float(_cos(col_ref, col_got).min()),
+        "colbert_cos_min": float(cosine(col_ref, col_got).min()),
         "colbert_score_max_abs": float(score_diff),
         "nan": float(got.nan),
     }
@@ -155,7 +156,7 @@ def retrieval_fidelity(
     ids = tokenizer.encode(texts, 128)
     base = np.stack(onnx_outputs(base_graph, ids, pad_id).dense).astype(np.float64)
     got = np.stack(onnx_outputs(graph, ids, pad_id).dense).astype(np.float64)
-    cos = _cos(base, got)
+    cos = cosine(base, got)
     n = len(passages)
 
     def ranking(vecs: np.ndarray) -> np.ndarray:
