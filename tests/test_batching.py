@@ -35,10 +35,11 @@ def test_batch_size_invariance(package_dir, texts, variant, pad):
         _assert_same(one, _encode(model, texts, batch_size=batch_size))
 
 
-def test_padded_and_unpadded_batches_agree(package_dir, texts):
-    padded = M3Model(package_dir, variant="fp32", pad_batches=True)
-    unpadded = M3Model(package_dir, variant="fp32", pad_batches=False)
-    assert unpadded.pad_batches is False  # the CPU default
+@pytest.mark.parametrize("variant", ["fp32", "int8"])
+def test_padded_and_unpadded_batches_agree(package_dir, texts, variant):
+    padded = M3Model(package_dir, variant=variant)
+    unpadded = M3Model(package_dir, variant=variant, pad_batches=False)
+    assert padded.pad_batches is True  # the default
     _assert_same(_encode(padded, texts), _encode(unpadded, texts))
 
 
@@ -73,12 +74,56 @@ def test_order_is_restored(package_dir, texts, variant):
         assert list(shuffled["lexical_weights"][k]) == list(base["lexical_weights"][i])
 
 
-def test_int8_batched_together_depends_on_companions(package_dir, texts):
-    """Why exact_batches is the default: dynamic int8 scales activations per run, padding included."""
-    batched = M3Model(package_dir, variant="int8", exact_batches=False, pad_batches=True)
-    alone = _encode(batched, [texts[0]])["dense_vecs"][0]
-    together = _encode(batched, texts)["dense_vecs"][0]
-    assert np.abs(alone - together).max() > 1e-4
+def _rows_per_call(model):
+    rows = []
+    run = model.session.run
+
+    def counting(names, feed):
+        rows.append(feed["input_ids"].shape)
+        return run(names, feed)
+
+    model.session.run = counting
+    return rows
+
+
+def test_int8_batches_and_a_long_text_keeps_its_numbers(package_dir, texts):
+    """Per-token int8 runs texts together (several rows per call) and stays exact: a text
+    over the flash limit (here 700 tokens) is never padded, so it gets the flash kernel in
+    its batch as alone, and the short ones take the masked kernel either way."""
+    model = M3Model(package_dir, variant="int8")
+    limit = model.package.variant("int8").flash_min_tokens
+    assert limit is not None and limit < 700
+    long_text = " ".join(["retrieval"] * 698)
+    assert len(model.tokenizer.encode([long_text], 8192)[0]) == 700
+    mixed = [*texts[:8], long_text]
+    shapes = _rows_per_call(model)
+    together = _encode(model, mixed)
+    assert shapes[0] == (1, 700) and any(rows > 1 for rows, _ in shapes[1:])
+    for i, text in enumerate(mixed):
+        alone = _encode(model, [text])
+        np.testing.assert_allclose(alone["dense_vecs"][0], together["dense_vecs"][i], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(alone["colbert_vecs"][0], together["colbert_vecs"][i], atol=1e-5, rtol=0)
+
+
+def test_per_run_int8_packages_run_one_text_per_call(package_dir, texts, tmp_path):
+    """Packages whose int8 scales activations per run (written before per-token int8,
+    ``dynamic_activations``) keep running each text alone unless ``exact_batches=False``."""
+    import json
+    import shutil
+
+    copy = tmp_path / "pkg"
+    shutil.copytree(package_dir, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["variants"]["int8"]["dynamic_activations"] = True
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    exact = M3Model(copy, variant="int8")
+    shapes = _rows_per_call(exact)
+    _encode(exact, texts[:6])
+    assert len(shapes) == 6 and all(rows == 1 for rows, _ in shapes)
+    loose = M3Model(copy, variant="int8", exact_batches=False)
+    shapes = _rows_per_call(loose)
+    _encode(loose, texts[:6])
+    assert len(shapes) < 6
 
 
 def test_plan_batches_respects_both_bounds():
@@ -101,6 +146,13 @@ def test_plan_batches_without_padding_groups_equal_lengths():
     for b in batches:
         assert len({lengths[i] for i in b}) == 1 and len(b) <= 2
     assert [len(b) for b in batches] == [1, 2, 2, 2, 1]  # 9 | 7 7 | 7 7 | 5 5 | 1
+
+
+def test_plan_batches_pads_only_up_to_the_limit():
+    lengths = [600, 600, 700, 20, 9, 33, 512, 600]
+    batches = plan_batches(lengths, batch_size=8, max_tokens=4096, pad=True, pad_limit=512)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))
+    assert [sorted(lengths[i] for i in b) for b in batches] == [[700], [600, 600, 600], [9, 20, 33, 512]]
 
 
 def test_plan_batches_rejects_bad_bounds():

@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--int8-fp32-budget",
         type=float,
         default=DEFAULT_BUDGET,
-        help=f"share of MatMul weights int8 may keep in fp32 for outlier-heavy inputs (default {DEFAULT_BUDGET}; "
-        "0: plain dynamic int8)",
+        help=f"share of MatMul weights int8 may keep in fp32 for outlier-heavy inputs (default {DEFAULT_BUDGET:g}: "
+        "every MatMul int8; e.g. 0.06 keeps the worst within 6%% of the weights)",
     )
     parser.add_argument("--list-models", action="store_true", help="list the models of the registry and exit")
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT")

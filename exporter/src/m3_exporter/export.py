@@ -40,6 +40,7 @@ from .checkpoint import (
     load_torch_model,
     resolve_source,
 )
+from .fusion import FLASH_MIN_TOKENS
 from .graphs import ExportError
 from .specs import find_spec
 from .texts import VALIDATION_TEXTS, calibration_paragraphs
@@ -47,7 +48,7 @@ from .texts import VALIDATION_TEXTS, calibration_paragraphs
 PRECISION = {
     "fp32": "float32; CPU-fused (MultiHeadAttention with flash path, SkipLayerNorm, BiasGelu)",
     "fp16": "float16 (normalisation in float32); unfused, for TensorRT/CUDA",
-    "int8": "int8 dynamic, per-channel MatMul weights, outlier-heavy MatMuls kept fp32; CPU-fused",
+    "int8": "int8 MatMuls: per-channel weights, per-token activation scales (batch-invariant); CPU-fused",
 }
 DEFAULT_OPSET = 18
 
@@ -253,7 +254,7 @@ def export_package(
                 providers=PROVIDERS_FOR_VARIANT[variant],  # type: ignore[index]
                 files=(file_entry(work, target), file_entry(work, work / data_file(variant))),  # type: ignore[arg-type]
                 validation=metrics,
-                dynamic_activations=variant == "int8",
+                flash_min_tokens=None if variant == "fp16" else FLASH_MIN_TOKENS,
             )
         if "fp32" not in variants:
             fp32.unlink()

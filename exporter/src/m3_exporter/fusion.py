@@ -7,11 +7,17 @@ kernel (no ``seq x seq`` score matrix) when it gets no mask and no bias; with on
 materialises ``heads x seq x seq`` floats, 4 GB per layer at 8,192 tokens. So each
 attention becomes
 
-    If(min(attention_mask) == 1,
-       then: MultiHeadAttention(q, k, v)                        # no padding: flash
-       else: MultiHeadAttention(q, k, v, key_padding_mask=mask)) # padded batch
+    If(min(attention_mask) == 1 and sequence > FLASH_MIN_TOKENS,
+       then: MultiHeadAttention(q, k, v)                        # long, no padding: flash
+       else: MultiHeadAttention(q, k, v, key_padding_mask=mask)) # padded or short
 
 which is exact either way (masked keys get weight 0), and the bias chain is dropped.
+Short texts take the masked kernel even alone: its result for a text is bitwise the
+same whatever the padding and the batch companions (measured), while flash and masked
+differ by ~1e-7, which int8 rounding turns into ~1e-3. So a text up to
+FLASH_MIN_TOKENS gets the same numbers alone or in any padded batch, and a longer one
+(whose ``heads x seq x seq`` scores would be large) runs unpadded, alone or with texts
+of its length; the manifest records the limit for the runtime's batching.
 The graph keeps its interface; TensorRT cannot run these com.microsoft ops, which is
 why the fp16 (GPU) variant is left unfused.
 """
@@ -73,13 +79,17 @@ def _prune(graph: onnx.GraphProto) -> None:
     graph.initializer.extend(inits)
 
 
-def add_flash_path(model: onnx.ModelProto, mask_input: str = INPUT_NAMES[1]) -> int:
+FLASH_MIN_TOKENS = 512
+
+
+def add_flash_path(model: onnx.ModelProto, mask_input: str = INPUT_NAMES[1], min_tokens: int = FLASH_MIN_TOKENS) -> int:
     """Rewrite every masked MultiHeadAttention into the If above; returns how many."""
     graph = model.graph
     mha_nodes = [n for n in graph.node if n.op_type == "MultiHeadAttention" and n.domain == MS_DOMAIN]
     if not mha_nodes:
         return 0
-    mask_i32, no_padding, min_mask, one = "m3_mask_i32", "m3_no_padding", "m3_mask_min", "m3_one"
+    mask_i32, min_mask, one = "m3_mask_i32", "m3_mask_min", "m3_one"
+    no_padding, seq, limit, long_seq, flash = "m3_no_padding", "m3_seq", "m3_flash_min", "m3_long", "m3_flash"
     prelude = [
         helper.make_node("Cast", [mask_input], [mask_i32], name="m3_cast_mask", to=TensorProto.INT32),
         helper.make_node("ReduceMin", [mask_input], [min_mask], name="m3_mask_min", keepdims=0),
@@ -87,6 +97,12 @@ def add_flash_path(model: onnx.ModelProto, mask_input: str = INPUT_NAMES[1]) -> 
             "Constant", [], [one], name="m3_one", value=helper.make_tensor(one, TensorProto.INT64, [], [1])
         ),
         helper.make_node("Equal", [min_mask, one], [no_padding], name="m3_no_padding"),
+        helper.make_node("Shape", [mask_input], [seq], name="m3_seq", start=1, end=2),
+        helper.make_node(
+            "Constant", [], [limit], name=limit, value=helper.make_tensor(limit, TensorProto.INT64, [1], [min_tokens])
+        ),
+        helper.make_node("Greater", [seq, limit], [long_seq], name="m3_long"),
+        helper.make_node("And", [no_padding, long_seq], [flash], name="m3_flash"),
     ]
     replaced: dict[int, onnx.NodeProto] = {}
     for k, node in enumerate(mha_nodes):
@@ -107,7 +123,7 @@ def add_flash_path(model: onnx.ModelProto, mask_input: str = INPUT_NAMES[1]) -> 
         masked_inputs = [*qkv, bias, mask_i32]
         replaced[id(node)] = helper.make_node(
             "If",
-            [no_padding],
+            [flash],
             [out],
             name=f"m3_attention_{k}",
             then_branch=branch("flash", flash_inputs),

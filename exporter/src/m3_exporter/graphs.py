@@ -92,33 +92,13 @@ def fuse_for_cpu(path: Path, outputs: tuple[str, ...] = OUTPUT_NAMES) -> dict[st
 
 def quantize_int8(
     fp32_path: Path, path: Path, outputs: tuple[str, ...] = OUTPUT_NAMES, exclude: tuple[str, ...] = ()
-) -> None:
-    """Dynamic int8: per-channel int8 weights of every MatMul, activations quantized at run time.
+) -> int:
+    """int8 MatMuls with per-channel weights and per-token activation scales (see ``int8``),
+    except the ``exclude``d node names; returns how many MatMuls were quantized."""
+    from .int8 import quantize_per_token
 
-    ``reduce_range=False``: VNNI/AMX take the full int8 range (the 7-bit workaround is
-    for pre-VNNI CPUs).
-    """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    tmp = path.with_name(path.name + ".tmp")
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # quantize_dynamic logs a pre-processing hint to the root logger
-    try:
-        quantize_dynamic(
-            str(fp32_path),
-            str(tmp),
-            per_channel=True,
-            reduce_range=False,
-            weight_type=QuantType.QInt8,
-            op_types_to_quantize=["MatMul"],
-            nodes_to_exclude=list(exclude),
-            use_external_data_format=True,
-        )
-    finally:
-        root.setLevel(level)
-    save_graph(onnx.load(str(tmp)), path)
-    tmp.unlink()
-    for leftover in tmp.parent.glob(tmp.name + "*"):
-        leftover.unlink()
+    model, count = quantize_per_token(onnx.load(str(fp32_path)), exclude)
+    save_graph(model, path)
+    del model
     check_interface(path, outputs)
+    return count

@@ -16,11 +16,14 @@ from collections.abc import Sequence
 import numpy as np
 
 
-def plan_batches(lengths: Sequence[int], *, batch_size: int, max_tokens: int, pad: bool = True) -> list[np.ndarray]:
+def plan_batches(
+    lengths: Sequence[int], *, batch_size: int, max_tokens: int, pad: bool = True, pad_limit: int | None = None
+) -> list[np.ndarray]:
     """Indices of each batch, longest texts first; every index appears exactly once.
 
-    With ``pad=False`` a batch only holds texts of one length: nothing is padded, and
-    the graph takes its mask-free (flash) attention path.
+    With ``pad=False`` a batch only holds texts of one length: nothing is padded. With
+    ``pad_limit``, texts longer than it are batched only with texts of their own length
+    (the graph's flash attention path, see ``VariantInfo.flash_min_tokens``).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -34,7 +37,7 @@ def plan_batches(lengths: Sequence[int], *, batch_size: int, max_tokens: int, pa
     while start < n:
         longest = int(lengths_arr[order[start]])
         rows = max(1, min(batch_size, max_tokens // max(longest, 1), n - start))
-        if not pad:
+        if not pad or (pad_limit is not None and longest > pad_limit):
             same = int(np.searchsorted(-lengths_arr[order[start : start + rows]], -longest, side="right"))
             rows = max(1, same)
         batches.append(order[start : start + rows])

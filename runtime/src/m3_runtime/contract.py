@@ -87,6 +87,11 @@ class VariantInfo:
     # Activations quantized with one scale per run (dynamic int8): a text's result then
     # depends on the other texts and the padding in its batch.
     dynamic_activations: bool = False
+    # CPU-fused graphs: an unpadded batch LONGER than this takes ONNX Runtime's flash
+    # attention kernel, every other batch the masked one. The two differ by ~1e-7, which
+    # int8 rounding can turn into 1e-3, so the runtime pads only texts up to this length
+    # and batches longer ones with texts of their own length. None: one kernel only.
+    flash_min_tokens: int | None = None
 
     @property
     def graph(self) -> str:
@@ -158,6 +163,7 @@ class Manifest:
                     files=tuple(FileEntry(**f) for f in raw["files"]),
                     validation={k: float(v) for k, v in raw.get("validation", {}).items()},
                     dynamic_activations=bool(raw.get("dynamic_activations", False)),
+                    flash_min_tokens=(None if raw.get("flash_min_tokens") is None else int(raw["flash_min_tokens"])),
                 )
             return cls(
                 format_version=int(version),

@@ -1,0 +1,121 @@
+"""int8 with per-token activation scales: every text's result is independent of its batch.
+
+ONNX Runtime's dynamic int8 (``quantize_dynamic``) takes ONE activation scale per run,
+over the whole batch and its padding, so a text's output moved by up to 2.5e-2 with
+its batch companions, and the runtime had to run int8 texts one per call. Here each
+MatMul with a constant weight ``W [K, N]`` becomes
+
+    amax  = max(ReduceMax(x, -1), -ReduceMin(x, -1))     # per token (row), [.., 1]
+    s     = max(amax / 127, 1e-30)
+    q     = QuantizeLinear(x, s, 128, axis=-1, block_size=K)   # uint8, symmetric about 128
+    y     = MatMulIntegerToFloat(q, Wq, 1, sw, 128) * s         # Wq int8 per output channel
+
+Each row's scale comes from that row alone, so padding and neighbours change nothing
+(batches are exact to float rounding), and a token is never flattened by another
+token's outlier. ``uint8`` around 128 rather than ``int8``: ONNX Runtime's CPU
+``MatMulIntegerToFloat`` takes its fast (VNNI/AMX) path for u8 x s8 only; an s8 left
+operand ran 20-30x slower here. The blocked ``QuantizeLinear`` needs opset 21.
+
+Measured (this repo's 2-vCPU box, ONNX Runtime 1.32): all-MiniLM-L6-v2 on real English
+text, dense cosine to fp32 mean 0.9978 / min 0.9939 against 0.9940 / 0.9845 for
+per-run dynamic int8; full-size random BGE-M3, 200-token passages one per call 1,199
+against 1,397 tokens/s (the extra reductions and the scale multiply), 32 queries of 16
+tokens in one call 1,396 tokens/s against 537 for one query per call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 21
+MS_DOMAIN = "com.microsoft"
+_PREFIX = "m3_q"
+
+
+def _quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per output column: (int8 [K, N], float32 scales [N])."""
+    scale = np.maximum(np.abs(w).max(axis=0), 1e-30) / 127
+    q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+    return q, scale.astype(np.float32)
+
+
+def quantize_per_token(model: onnx.ModelProto, exclude: Iterable[str] = ()) -> tuple[onnx.ModelProto, int]:
+    """Rewrite every MatMul with a 2-D constant float weight (except ``exclude``d node
+    names) in place; returns the model and how many MatMuls were quantized."""
+    graph = model.graph
+    weights = {t.name: t for t in graph.initializer}
+    skip = set(exclude)
+    consts = {
+        "inv127": np.array(1 / 127, np.float32),
+        "tiny": np.array(1e-30, np.float32),
+        "one": np.array(1.0, np.float32),
+        "zp": np.array(128, np.uint8),
+        "zp3": np.full((1, 1, 1), 128, np.uint8),
+        "axes": np.array([-1], np.int64),
+    }
+    c = {k: f"{_PREFIX}_{k}" for k in consts}
+    new_inits: list[onnx.TensorProto] = [numpy_helper.from_array(v, c[k]) for k, v in consts.items()]
+    replaced: set[str] = set()
+    done: dict[str, tuple[str, str]] = {}  # activation -> (quantized, per-row scale)
+    nodes: list[onnx.NodeProto] = []
+    count = 0
+    for node in graph.node:
+        w_name = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else ""
+        w_proto = weights.get(w_name)
+        if w_proto is None or node.name in skip or len(w_proto.dims) != 2 or w_proto.data_type != TensorProto.FLOAT:
+            nodes.append(node)
+            continue
+        x = node.input[0]
+        k = int(w_proto.dims[0])
+        wq, sw = _quantize_weight(numpy_helper.to_array(w_proto))
+        new_inits += [
+            numpy_helper.from_array(wq, f"{w_name}_{_PREFIX}"),
+            numpy_helper.from_array(sw, f"{w_name}_{_PREFIX}_scale"),
+        ]
+        replaced.add(w_name)
+        if x not in done:  # Q, K and V share their input: quantize it once
+            p = f"{x}_{_PREFIX}"
+            nodes += [
+                helper.make_node("ReduceMax", [x, c["axes"]], [f"{p}_max"], keepdims=1),
+                helper.make_node("ReduceMin", [x, c["axes"]], [f"{p}_min"], keepdims=1),
+                helper.make_node("Neg", [f"{p}_min"], [f"{p}_negmin"]),
+                helper.make_node("Max", [f"{p}_max", f"{p}_negmin"], [f"{p}_amax"]),
+                helper.make_node("Mul", [f"{p}_amax", c["inv127"]], [f"{p}_scale0"]),
+                helper.make_node("Max", [f"{p}_scale0", c["tiny"]], [f"{p}_scale"]),
+                helper.make_node("Shape", [f"{p}_scale"], [f"{p}_shape"]),
+                helper.make_node("Expand", [c["zp3"], f"{p}_shape"], [f"{p}_zp"]),
+                helper.make_node("QuantizeLinear", [x, f"{p}_scale", f"{p}_zp"], [f"{p}_u8"], axis=-1, block_size=k),
+            ]
+            done[x] = (f"{p}_u8", f"{p}_scale")
+        q, scale = done[x]
+        out = node.output[0]
+        nodes += [
+            helper.make_node(
+                "MatMulIntegerToFloat",
+                [q, f"{w_name}_{_PREFIX}", c["one"], f"{w_name}_{_PREFIX}_scale", c["zp"]],
+                [f"{out}_{_PREFIX}_unscaled"],
+                name=f"{node.name}_int8",
+                domain=MS_DOMAIN,
+            ),
+            helper.make_node("Mul", [f"{out}_{_PREFIX}_unscaled", scale], [out], name=f"{node.name}_rowscale"),
+        ]
+        count += 1
+    still_used = {i for n in nodes for i in n.input}
+    still_used |= {
+        i for n in nodes for a in n.attribute if a.type == onnx.AttributeProto.GRAPH for m in a.g.node for i in m.input
+    }
+    kept = [t for t in graph.initializer if t.name not in replaced or t.name in still_used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = max(opset.version, OPSET)
+    if not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    return model, count
