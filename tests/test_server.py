@@ -200,3 +200,47 @@ def test_server_json_is_standard(server):
     url, _ = server
     raw = httpx.post(url + "/encode", json={"texts": ["x"], "sparse": True}).text
     json.loads(raw)  # no NaN/Infinity tokens
+
+
+def test_request_timeout_answers_503_and_queued_work_never_runs(package_dir):
+    """A request still unanswered after ``request_timeout_s`` gets 503; one that timed out
+    while queued never reaches the model; the next request gets its own right numbers."""
+    from m3_runtime.server import ServerConfig, create_app
+
+    model = M3Model(package_dir, variant="fp32")
+    seen: list[list[str]] = []
+    encode = model.encode
+
+    def slow_encode(texts, *args, **kwargs):
+        seen.append(list(texts))
+        if "slow" in texts:
+            time.sleep(1.5)
+        return encode(texts, *args, **kwargs)
+
+    model.encode = slow_encode  # type: ignore[method-assign]
+    port = free_port()
+    config = ServerConfig(max_wait_ms=1, request_timeout_s=0.5)
+    srv = uvicorn.Server(uvicorn.Config(create_app(model, config), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(url, 60)
+        with ThreadPoolExecutor(2) as pool:
+            running = pool.submit(httpx.post, url + "/encode", json={"texts": ["slow"]}, timeout=10)
+            time.sleep(0.2)  # "slow" is on the model thread now
+            queued = pool.submit(httpx.post, url + "/encode", json={"texts": ["queued behind"]}, timeout=10)
+            for res in (running.result(), queued.result()):
+                assert res.status_code == 503 and res.headers["Retry-After"] == "1"
+                assert "within 0.5 s" in res.json()["error"]["message"]
+        time.sleep(1.5)  # the slow call finishes; its result is discarded
+        fine = httpx.post(url + "/encode", json={"texts": TEXTS}, timeout=10)
+        assert fine.status_code == 200
+        got = np.array([row["dense"] for row in fine.json()["results"]])
+        np.testing.assert_allclose(got, encode(TEXTS)["dense_vecs"], atol=1e-6)
+        assert ["queued behind"] not in seen and ["slow"] in seen
+        metrics = httpx.get(url + "/metrics").text
+        assert 'm3_requests_total{path="/encode",status="503"} 2' in metrics
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)

@@ -106,6 +106,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from .model import M3Model
     from .server import ServerConfig, serve
 
+    if args.request_timeout_s < 0:
+        raise ValueError(f"--request-timeout-s must be >= 0 (0: no limit), got {args.request_timeout_s:g}")
     model = M3Model(args.package, variant=args.variant, batch_size=args.batch_size)
     config = ServerConfig(
         max_batch_tokens=args.max_batch_tokens,
@@ -113,6 +115,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_queue=args.max_queue,
         max_texts=args.max_texts,
         max_chars=args.max_chars,
+        request_timeout_s=args.request_timeout_s or None,
     )
     serve(model, host=args.host, port=args.port, config=config)
 
@@ -175,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--max-queue", type=int, default=4096, help="texts waiting before requests get 429")
     srv.add_argument("--max-texts", type=int, default=512, help="texts per request (413 above)")
     srv.add_argument("--max-chars", type=int, default=200_000, help="characters per text (413 above)")
+    srv.add_argument(
+        "--request-timeout-s",
+        type=float,
+        default=60.0,
+        help="seconds before an unanswered request gets 503 (queued: never runs); 0: no limit",
+    )
     srv.set_defaults(func=cmd_serve)
 
     corpus = sub.add_parser("embed-corpus", help="embed Parquet/JSONL files with Ray Data (needs m3-runtime[ray])")

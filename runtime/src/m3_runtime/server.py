@@ -20,6 +20,7 @@ field types (the field is named), 413 too many texts or too long a text, 429 wit
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -49,6 +50,9 @@ class ServerConfig:
     max_queue: int = 4096
     max_texts: int = 512
     max_chars: int = 200_000
+    # A request not answered within this many seconds gets 503: if it is still queued it
+    # never runs, if it is running its slice is discarded. None: no limit.
+    request_timeout_s: float | None = 60.0
 
 
 @dataclass
@@ -131,9 +135,21 @@ def create_app(model: M3Model, config: ServerConfig | None = None, *, warm: bool
                         raise RequestError(422, f"request body is not valid JSON: {exc}") from None
                     if not isinstance(body, dict):
                         raise RequestError(422, "request body must be a JSON object")
-                    response = await handler(body)
+                    response = await asyncio.wait_for(handler(body), config.request_timeout_s)
                 else:
                     response = await handler()
+            except TimeoutError:
+                response = JSONResponse(
+                    {
+                        "error": {
+                            "message": f"request not answered within {config.request_timeout_s:g} s "
+                            "(--request-timeout-s); the server is overloaded, try again",
+                            "code": 503,
+                        }
+                    },
+                    503,
+                    headers={"Retry-After": "1"},
+                )
             except RequestError as exc:
                 response = JSONResponse(
                     {"error": {"message": exc.message, "code": exc.status}}, exc.status, headers=exc.headers
