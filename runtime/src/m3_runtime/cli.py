@@ -203,7 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     corpus.add_argument("--workers", type=int, default=1, help="model actors")
     corpus.add_argument("--batch-rows", type=int, default=256, help="rows per map_batches call")
-    corpus.add_argument("--batch-tokens", type=int, default=16384, help="token budget of each actor's model batches")
+    corpus.add_argument(
+        "--batch-tokens",
+        type=int,
+        default=None,
+        help="padded-token budget of each actor's model batches (default: 512 on the CPU, 16384 on GPUs)",
+    )
     corpus.set_defaults(func=cmd_embed_corpus)
 
     info = sub.add_parser("info", help="show the package manifest and the providers available")

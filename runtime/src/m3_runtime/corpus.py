@@ -45,7 +45,7 @@ class CorpusJob:
     on_bad_text: str = "skip"  # or "fail"
     workers: int = 1
     batch_rows: int = 256
-    batch_tokens: int = 16384  # padded-token budget of each actor's model batches
+    batch_tokens: int | None = None  # padded-token budget of each actor's batches; None: M3Model's
 
 
 @dataclass
