@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -64,16 +63,22 @@ def make_texts(n_queries: int, n_passages: int) -> dict[str, list[str]]:
     }
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
     with open("/proc/self/status", encoding="ascii") as fh:
         for line in fh:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
 
+def _rss_mb() -> float:
+    return _status_mb("VmRSS")
+
+
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's own peak (VmHWM). Not ``ru_maxrss``: Linux carries that across
+    exec, so a worker started by a parent that had just exported (10 GB) reported 10 GB."""
+    return _status_mb("VmHWM")
 
 
 # -- worker (one engine, one workload, own process) -------------------------------
@@ -145,12 +150,23 @@ def worker(engine: str, workload: str, texts_file: Path, checkpoint: Path, packa
 
 
 # -- orchestration ----------------------------------------------------------------
-def ensure_package(checkpoint: Path, package: Path, variants: list[str]) -> None:
+def _is_current(package: Path, variants: list[str]) -> bool:
+    """The cached package has these variants, written by the exporter's current recipes."""
+    from m3_exporter.export import PRECISION
+
     manifest = package / "manifest.json"
-    if manifest.is_file() and set(variants) <= set(json.loads(manifest.read_text())["variants"]):
+    if not manifest.is_file():
+        return False
+    have = json.loads(manifest.read_text())["variants"]
+    return all(v in have and have[v]["precision"] == PRECISION[v] for v in variants)
+
+
+def ensure_package(checkpoint: Path, package: Path, variants: list[str]) -> None:
+    if _is_current(package, variants):
         return
     from m3_exporter import export_package
 
+    print(f"exporting {checkpoint} to {package} ({', '.join(variants)}) ...", file=sys.stderr, flush=True)
     export_package(str(checkpoint), package, variants=variants, force=True)  # type: ignore[arg-type]
 
 
@@ -278,7 +294,7 @@ def real_weights_section(package: Path) -> dict[str, float]:
     from m3_runtime import M3Model
     from sentence_transformers import SentenceTransformer
 
-    if not (package / "manifest.json").is_file():
+    if not _is_current(package, ["fp32", "int8"]):
         export_package(str(get_model_path()), package, variants=["fp32", "int8"], force=True)
     texts = english_paragraphs(240)
     st = SentenceTransformer(str(get_model_path()), device="cpu")
