@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-tokens",
         type=int,
         default=None,
-        help="padded-token budget of each actor's model batches (default: 512 on the CPU, 16384 on GPUs)",
+        help="padded-token budget of each actor's model batches (default: 256 on the CPU, 16384 on GPUs)",
     )
     corpus.set_defaults(func=cmd_embed_corpus)
 

@@ -18,7 +18,7 @@ from .tokenize import M3Tokenizer
 
 # Default padded-token budget per forward pass (``max_batch_tokens=None``).
 GPU_BATCH_TOKENS = 16384
-CPU_BATCH_TOKENS = 512
+CPU_BATCH_TOKENS = 256
 
 EncodeResult = dict[str, Any]
 Texts = str | Sequence[str]
@@ -61,9 +61,9 @@ class M3Model:
             the variant is built for that this ONNX Runtime has, then the CPU.
         batch_size: most texts per forward pass (FlagEmbedding 1.4's default, 256).
         max_batch_tokens: most padded tokens (rows x longest row) per forward pass.
-            ``None``: 16,384 on GPU providers, 512 on the CPU, where bigger batches push
-            the activations out of cache (int8 queries: 1,111 tokens/s at 256, 639 at
-            4,096; fp32: 389 at 256, 149 at 16,384).
+            ``None``: 16,384 on GPU providers, 256 on the CPU, where bigger batches push
+            the activations out of cache (int8 queries: 1,062 tokens/s at 256, 997 at
+            512, 886 at 128, 639 at 4,096; fp32: 389 at 256, 149 at 16,384).
         query_max_length: truncation for ``encode_queries`` and scored queries; ``None``
             uses 512 (FlagEmbedding's default), or the package's maximum if lower.
         passage_max_length: truncation for ``encode``/``encode_corpus`` and scored
