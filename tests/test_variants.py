@@ -12,6 +12,8 @@ Thresholds held, with the values measured on the tiny checkpoint (random weights
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from m3_runtime import M3Model
@@ -123,3 +125,25 @@ def test_cpu_variants_are_fused_gpu_variant_is_plain(package_dir):
         assert ("com.microsoft", "SkipLayerNormalization") in found and ("ai.onnx", "If") in found, variant
         assert ("ai.onnx", "Softmax") not in found  # attention is inside MultiHeadAttention
     assert all(domain == "ai.onnx" for domain, _ in ops("fp16"))
+
+
+def test_attention_takes_the_projection_biases_and_the_flash_limit(package_dir):
+    """Both attention branches get the packed Q/K/V bias (no separate Adds before them),
+    and the flash branch is taken only for unpadded inputs over FLASH_MIN_TOKENS."""
+    import onnx
+    from m3_exporter.fusion import FLASH_MIN_TOKENS
+
+    model = onnx.load(str(package_dir / "model.fp32.onnx"), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    ifs = [n for n in model.graph.node if n.op_type == "If" and n.name.startswith("m3_attention")]
+    assert ifs
+    for node in ifs:
+        for branch in node.attribute:
+            (mha,) = branch.g.node
+            bias = inits[mha.input[3]]
+            assert list(bias.dims) == [3 * 64]  # the tiny checkpoint's hidden size is 64
+    limit = next(n for n in model.graph.node if n.name == "m3_flash_min")
+    assert onnx.numpy_helper.to_array(limit.attribute[0].t).tolist() == [FLASH_MIN_TOKENS]
+    manifest = json.loads((package_dir / "manifest.json").read_text())
+    assert manifest["variants"]["fp32"]["flash_min_tokens"] == FLASH_MIN_TOKENS
+    assert manifest["variants"]["fp16"]["flash_min_tokens"] is None
