@@ -150,15 +150,30 @@ def worker(engine: str, workload: str, texts_file: Path, checkpoint: Path, packa
 
 
 # -- orchestration ----------------------------------------------------------------
-def _is_current(package: Path, variants: list[str]) -> bool:
-    """The cached package has these variants, written by the exporter's current recipes."""
-    from m3_exporter.export import PRECISION
+def _exporter_stamp() -> str:
+    """Hash of the exporter's source: a cached package older than the code is re-exported."""
+    import hashlib
 
+    import m3_exporter
+
+    digest = hashlib.sha256()
+    for path in sorted(Path(m3_exporter.__file__).parent.rglob("*")):
+        if path.is_file() and path.suffix in (".py", ".json"):
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _is_current(package: Path, variants: list[str]) -> bool:
+    """The cached package has these variants and was written by the exporter's current code."""
     manifest = package / "manifest.json"
-    if not manifest.is_file():
+    stamp = package / ".exporter-stamp"
+    if not manifest.is_file() or not stamp.is_file() or stamp.read_text() != _exporter_stamp():
         return False
-    have = json.loads(manifest.read_text())["variants"]
-    return all(v in have and have[v]["precision"] == PRECISION[v] for v in variants)
+    return set(variants) <= set(json.loads(manifest.read_text())["variants"])
+
+
+def _stamp(package: Path) -> None:
+    (package / ".exporter-stamp").write_text(_exporter_stamp())
 
 
 def ensure_package(checkpoint: Path, package: Path, variants: list[str]) -> None:
@@ -168,6 +183,7 @@ def ensure_package(checkpoint: Path, package: Path, variants: list[str]) -> None
 
     print(f"exporting {checkpoint} to {package} ({', '.join(variants)}) ...", file=sys.stderr, flush=True)
     export_package(str(checkpoint), package, variants=variants, force=True)  # type: ignore[arg-type]
+    _stamp(package)
 
 
 def fidelity(base: dict, got: dict) -> dict[str, float]:
@@ -296,6 +312,7 @@ def real_weights_section(package: Path) -> dict[str, float]:
 
     if not _is_current(package, ["fp32", "int8"]):
         export_package(str(get_model_path()), package, variants=["fp32", "int8"], force=True)
+        _stamp(package)
     texts = english_paragraphs(240)
     st = SentenceTransformer(str(get_model_path()), device="cpu")
     tokens = sum(len(x) for x in M3Model(package, variant="fp32").tokenizer.encode(texts, 256))

@@ -64,6 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"share of MatMul weights int8 may keep in fp32 for outlier-heavy inputs (default {DEFAULT_BUDGET:g}: "
         "every MatMul int8; e.g. 0.06 keeps the worst within 6%% of the weights)",
     )
+    parser.add_argument(
+        "--int8-smooth",
+        type=float,
+        default=0.0,
+        metavar="ALPHA",
+        help="SmoothQuant before int8 with this alpha (default 0: off; 0.5 is usual); see the README",
+    )
     parser.add_argument("--list-models", action="store_true", help="list the models of the registry and exit")
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     return parser
@@ -95,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             pooling=args.pooling,
             query_instruction=args.query_instruction,
             int8_fp32_budget=args.int8_fp32_budget,
+            int8_smooth=args.int8_smooth,
         )
     except (CheckpointError, ExportError, FileExistsError, ValueError) as exc:
         print(f"m3-export: error: {exc}", file=sys.stderr)

@@ -161,6 +161,7 @@ def export_package(
     normalize: bool | None = None,
     query_instruction: str | None = None,
     int8_fp32_budget: float = outliers.DEFAULT_BUDGET,
+    int8_smooth: float = 0.0,
     say: Callable[[str], None] = _say,
 ) -> Manifest:
     """Export ``src`` (a local checkpoint or hub id) to a package in ``out``.
@@ -170,12 +171,17 @@ def export_package(
     hub id (``models/registry``), else from the checkpoint (sentence-transformers
     files, config); ``query_instruction=""`` means none. ``int8_fp32_budget``: share of
     MatMul weights the int8 variant may keep in fp32 for outlier-heavy inputs (see
-    ``outliers``); 0 gives plain dynamic int8.
+    ``outliers``; 0: every MatMul int8). ``int8_smooth``: SmoothQuant's alpha for the
+    int8 variant (see ``int8.smooth``; 0: off, 0.5 is the usual value).
 
     Raises ``CheckpointError`` for a bad checkpoint (before any heavy work),
     ``FileExistsError`` for a non-empty ``out`` without ``force``, and ``ExportError``
     when the fp32 graph differs from PyTorch by more than 1e-4.
     """
+    if not 0 <= int8_smooth <= 1:
+        raise ValueError(f"--int8-smooth must be in 0..1 (0: off), got {int8_smooth:g}")
+    if not 0 <= int8_fp32_budget <= 1:
+        raise ValueError(f"--int8-fp32-budget must be in 0..1, got {int8_fp32_budget:g}")
     spec = find_spec(src)
     if spec is not None:
         kind = kind or spec.kind
@@ -224,8 +230,12 @@ def export_package(
             target = work / graph_file(variant)  # type: ignore[arg-type]
             if variant == "int8":
                 with steps("quantizing to int8"):
-                    keep = _int8_exclusions(fp32, tokenizer, special.pad, int8_fp32_budget, say)
-                    graphs.quantize_int8(fp32, target, outputs, exclude=tuple(keep))
+                    keep, channel_max = _int8_calibration(
+                        fp32, tokenizer, special.pad, int8_fp32_budget, int8_smooth, say
+                    )
+                    graphs.quantize_int8(
+                        fp32, target, outputs, tuple(keep), smooth_alpha=int8_smooth, channel_max=channel_max
+                    )
             metrics: dict[str, float] = {}
             if reference is not None:
                 metrics = validate.compare(
@@ -245,7 +255,7 @@ def export_package(
                         f"      {variant} vs fp32 on real English text: "
                         + ", ".join(f"{k} {v:.4g}" for k, v in real.items())
                     )
-                    metrics |= real | {"fp32_matmuls": float(len(keep))}
+                    metrics |= real | {"fp32_matmuls": float(len(keep)), "smooth_alpha": float(int8_smooth)}
             if variant not in variants:
                 continue
             infos[variant] = VariantInfo(
@@ -302,21 +312,31 @@ def export_package(
     return manifest
 
 
-def _int8_exclusions(
-    fp32: Path, tokenizer: M3Tokenizer, pad_id: int, budget: float, say: Callable[[str], None]
-) -> list[str]:
-    if budget <= 0:
-        return []
+def _int8_calibration(
+    fp32: Path, tokenizer: M3Tokenizer, pad_id: int, budget: float, smooth_alpha: float, say: Callable[[str], None]
+) -> tuple[list[str], dict | None]:
+    """MatMuls to keep in fp32 (outlier budget) and per-channel ``max|x|`` for SmoothQuant,
+    both measured with the fp32 graph on 30 real paragraphs and the built-in texts."""
+    if budget <= 0 and smooth_alpha <= 0:
+        return [], None
+    import onnx
+
     ids = tokenizer.encode(calibration_paragraphs(30) + list(VALIDATION_TEXTS), 128)
-    ratios = outliers.outlier_ratios(fp32, ids, pad_id)
-    keep = outliers.keep_in_fp32(fp32, ratios, budget)
-    values = sorted(ratios.values())
-    say(
-        f"      keeping {len(keep)} of {len(ratios)} MatMuls in fp32: input max/rms highest {values[-1]:.0f}, "
-        f"median {values[len(values) // 2]:.0f}; kept: {', '.join(f'{ratios[k]:.0f}' for k in keep) or 'none'} "
-        f"(>= {outliers.OUTLIER_FACTOR:g}x median, within {budget:.0%} of the weights)"
-    )
-    return keep
+    stats = outliers.activation_stats(fp32, ids, pad_id)
+    keep: list[str] = []
+    if budget > 0:
+        ratios = outliers.outlier_ratios(stats, onnx.load(str(fp32), load_external_data=False))
+        keep = outliers.keep_in_fp32(fp32, ratios, budget)
+        values = sorted(ratios.values())
+        say(
+            f"      keeping {len(keep)} of {len(ratios)} MatMuls in fp32: input max/rms highest {values[-1]:.0f}, "
+            f"median {values[len(values) // 2]:.0f}; kept: {', '.join(f'{ratios[k]:.0f}' for k in keep) or 'none'} "
+            f"(>= {outliers.OUTLIER_FACTOR:g}x median, within {budget:.0%} of the weights)"
+        )
+    if smooth_alpha <= 0:
+        return keep, None
+    say(f"      SmoothQuant (alpha {smooth_alpha:g}) on {len(stats)} MatMul inputs")
+    return keep, {name: top for name, (top, _, _) in stats.items()}
 
 
 def _export_from_torch(

@@ -91,13 +91,26 @@ def fuse_for_cpu(path: Path, outputs: tuple[str, ...] = OUTPUT_NAMES) -> dict[st
 
 
 def quantize_int8(
-    fp32_path: Path, path: Path, outputs: tuple[str, ...] = OUTPUT_NAMES, exclude: tuple[str, ...] = ()
+    fp32_path: Path,
+    path: Path,
+    outputs: tuple[str, ...] = OUTPUT_NAMES,
+    exclude: tuple[str, ...] = (),
+    *,
+    smooth_alpha: float = 0.0,
+    channel_max: dict | None = None,
 ) -> int:
     """int8 MatMuls with per-channel weights and per-token activation scales (see ``int8``),
-    except the ``exclude``d node names; returns how many MatMuls were quantized."""
-    from .int8 import quantize_per_token
+    except the ``exclude``d node names, after SmoothQuant with ``smooth_alpha`` if it is
+    above 0 (``channel_max``: measured per-channel ``max|x|`` of the MatMul inputs).
+    Returns how many MatMuls were quantized."""
+    from .int8 import quantize_per_token, smooth
 
-    model, count = quantize_per_token(onnx.load(str(fp32_path)), exclude)
+    model = onnx.load(str(fp32_path))
+    if smooth_alpha > 0:
+        if channel_max is None:
+            raise ValueError("smooth_alpha needs the measured channel_max")
+        smooth(model, channel_max, smooth_alpha, exclude)
+    model, count = quantize_per_token(model, exclude)
     save_graph(model, path)
     del model
     check_interface(path, outputs)

@@ -119,3 +119,56 @@ def quantize_per_token(model: onnx.ModelProto, exclude: Iterable[str] = ()) -> t
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return model, count
+
+
+def smooth(
+    model: onnx.ModelProto, channel_max: dict[str, np.ndarray], alpha: float, exclude: Iterable[str] = ()
+) -> int:
+    """SmoothQuant: move activation outliers into the weights before quantizing.
+
+    For an activation ``x`` whose per-channel ``max|x_c|`` was measured (``channel_max``)
+    and the MatMuls that read it with constant weights ``W_i`` (``exclude``d names left
+    alone), ``s_c = max|x_c|^alpha / max_i max_n |W_i[c, n]|^(1 - alpha)``; then
+    ``x @ W_i == (x / s) @ (s * W_i)``: a ``Mul(x, 1/s)`` feeds those MatMuls and their
+    weights are scaled, so the float graph computes the same function while ``x / s``
+    has flatter channels for per-token int8. Returns how many activations were smoothed.
+    """
+    graph = model.graph
+    weights = {t.name: t for t in graph.initializer}
+    skip = set(exclude)
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        if (
+            node.op_type == "MatMul"
+            and len(node.input) == 2
+            and node.input[1] in weights
+            and len(weights[node.input[1]].dims) == 2
+            and node.name not in skip
+            and node.input[0] in channel_max
+        ):
+            readers.setdefault(node.input[0], []).append(node)
+    inserted: dict[str, onnx.NodeProto] = {}
+    for x, nodes in readers.items():
+        arrays = [numpy_helper.to_array(weights[n.input[1]]) for n in nodes]
+        w_max = np.max([np.abs(w).max(axis=1) for w in arrays], axis=0)
+        a_max = np.asarray(channel_max[x], dtype=np.float64)
+        if a_max.shape != w_max.shape:
+            continue
+        scale = np.power(np.maximum(a_max, 1e-5), alpha) / np.power(np.maximum(w_max, 1e-5), 1 - alpha)
+        scale = scale.astype(np.float32)
+        inv = f"{x}_{_PREFIX}_smooth_inv"
+        graph.initializer.append(numpy_helper.from_array((1 / scale).astype(np.float32), inv))
+        inserted[x] = helper.make_node("Mul", [x, inv], [f"{x}_{_PREFIX}_smooth"], name=f"{x}_smooth")
+        for node, w in zip(nodes, arrays, strict=True):
+            weights[node.input[1]].CopyFrom(numpy_helper.from_array(w * scale[:, None], node.input[1]))
+            node.input[0] = f"{x}_{_PREFIX}_smooth"
+    if inserted:  # each Mul goes right before the first node that reads it
+        nodes_out: list[onnx.NodeProto] = []
+        for node in graph.node:
+            for x, mul in list(inserted.items()):
+                if mul.output[0] in node.input:
+                    nodes_out.append(inserted.pop(x))
+            nodes_out.append(node)
+        del graph.node[:]
+        graph.node.extend(nodes_out)
+    return len(readers)

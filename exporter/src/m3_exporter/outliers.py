@@ -45,18 +45,20 @@ def weighted_matmuls(model: onnx.ModelProto) -> dict[str, tuple[str, int]]:
     }
 
 
-def outlier_ratios(fp32_graph: Path, ids: Sequence[list[int]], pad_id: int, batch: int = 8) -> dict[str, float]:
-    """``max|x| / rms(x)`` over real (unpadded) tokens of each weighted MatMul's input."""
+def activation_stats(
+    fp32_graph: Path, ids: Sequence[list[int]], pad_id: int, batch: int = 8
+) -> dict[str, tuple[np.ndarray, float, int]]:
+    """For each weighted MatMul's input, over real (unpadded) tokens: per-channel ``max|x|``,
+    the sum of squares and the element count."""
     import onnxruntime as ort
 
     model = onnx.load(str(fp32_graph))
-    matmuls = weighted_matmuls(model)
-    wanted = sorted({x for x, _ in matmuls.values()})
+    wanted = sorted({x for x, _ in weighted_matmuls(model).values()})
     existing = {o.name for o in model.graph.output}
     for name in wanted:
         if name not in existing:
             model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    stats = {name: [0.0, 0.0, 0] for name in wanted}
+    stats: dict[str, list] = {name: [None, 0.0, 0] for name in wanted}
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "calibration.onnx"
         onnx.save_model(
@@ -71,13 +73,19 @@ def outlier_ratios(fp32_graph: Path, ids: Sequence[list[int]], pad_id: int, batc
             values = session.run(wanted, {INPUT_NAMES[0]: input_ids, INPUT_NAMES[1]: mask})
             real = mask.astype(bool)
             for name, x in zip(wanted, values, strict=True):
-                x = x[real] if x.shape[:2] == real.shape else x
+                x = x[real] if x.shape[:2] == real.shape else x.reshape(-1, x.shape[-1])
                 st = stats[name]
-                st[0] = max(st[0], float(np.abs(x).max()))
+                top = np.abs(x).max(axis=0)
+                st[0] = top if st[0] is None else np.maximum(st[0], top)
                 st[1] += float(np.square(x, dtype=np.float64).sum())
                 st[2] += x.size
-    ratio = {name: mx / max(np.sqrt(ss / max(n, 1)), 1e-30) for name, (mx, ss, n) in stats.items()}
-    return {node: ratio[x] for node, (x, _) in matmuls.items()}
+    return {name: (mx, ss, n) for name, (mx, ss, n) in stats.items()}
+
+
+def outlier_ratios(stats: dict[str, tuple[np.ndarray, float, int]], model: onnx.ModelProto) -> dict[str, float]:
+    """``max|x| / rms(x)`` of each weighted MatMul's input, by MatMul node name."""
+    ratio = {name: float(mx.max()) / max(np.sqrt(ss / max(n, 1)), 1e-30) for name, (mx, ss, n) in stats.items()}
+    return {node: ratio[x] for node, (x, _) in weighted_matmuls(model).items()}
 
 
 def keep_in_fp32(fp32_graph: Path, ratios: dict[str, float], budget: float) -> list[str]:
