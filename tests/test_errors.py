@@ -95,6 +95,33 @@ def test_tampered_file_is_named(copy):
     M3Model(copy, variant="int8")  # other variants are unaffected
 
 
+def test_verified_files_are_not_hashed_again_until_they_change(copy, tmp_path, monkeypatch):
+    """A load records what it hashed; the next load of unchanged files skips hashing,
+    and a file written since (same size) is hashed again and caught."""
+    import os
+
+    from m3_runtime import package
+
+    hashed: list[str] = []
+    real = package.sha256_file
+    monkeypatch.setattr(package, "sha256_file", lambda path: hashed.append(path.name) or real(path))
+    cache = tmp_path / "cache"
+    M3Model(copy, variant="fp32", cache_dir=cache)
+    assert "model.fp32.onnx.data" in hashed and (cache / "verified.json").is_file()
+    hashed.clear()
+    M3Model(copy, variant="fp32", cache_dir=cache)
+    assert hashed == []
+    data = copy / "model.fp32.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0xFF
+    stat = data.stat()
+    data.write_bytes(bytes(raw))
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # even a 1 ns change is seen
+    with pytest.raises(PackageError, match=r"model\.fp32\.onnx\.data does not match its SHA-256"):
+        M3Model(copy, variant="fp32", cache_dir=cache)
+    assert hashed == ["model.fp32.onnx.data"]
+
+
 def test_tampered_tokenizer_is_named(copy):
     tok = copy / "tokenizer.json"
     tok.write_text(tok.read_text(encoding="utf-8").replace('"<unk>"', '"<UNK>"', 1), encoding="utf-8")

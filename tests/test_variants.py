@@ -127,21 +127,14 @@ def test_cpu_variants_are_fused_gpu_variant_is_plain(package_dir):
     assert all(domain == "ai.onnx" for domain, _ in ops("fp16"))
 
 
-def test_attention_takes_the_projection_biases_and_the_flash_limit(package_dir):
-    """Both attention branches get the packed Q/K/V bias (no separate Adds before them),
-    and the flash branch is taken only for unpadded inputs over FLASH_MIN_TOKENS."""
+def test_attention_takes_flash_only_over_the_limit(package_dir):
+    """The flash branch is taken only for unpadded inputs over FLASH_MIN_TOKENS, and the
+    manifest tells the runtime that limit for the fused variants."""
     import onnx
     from m3_exporter.fusion import FLASH_MIN_TOKENS
 
     model = onnx.load(str(package_dir / "model.fp32.onnx"), load_external_data=False)
-    inits = {t.name: t for t in model.graph.initializer}
-    ifs = [n for n in model.graph.node if n.op_type == "If" and n.name.startswith("m3_attention")]
-    assert ifs
-    for node in ifs:
-        for branch in node.attribute:
-            (mha,) = branch.g.node
-            bias = inits[mha.input[3]]
-            assert list(bias.dims) == [3 * 64]  # the tiny checkpoint's hidden size is 64
+    assert any(n.op_type == "If" and n.name.startswith("m3_attention") for n in model.graph.node)
     limit = next(n for n in model.graph.node if n.name == "m3_flash_min")
     assert onnx.numpy_helper.to_array(limit.attribute[0].t).tolist() == [FLASH_MIN_TOKENS]
     manifest = json.loads((package_dir / "manifest.json").read_text())

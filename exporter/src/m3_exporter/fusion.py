@@ -24,7 +24,6 @@ why the fp16 (GPU) variant is left unfused.
 
 from __future__ import annotations
 
-import numpy as np
 import onnx
 from m3_runtime.contract import INPUT_NAMES
 from onnx import TensorProto, helper
@@ -83,64 +82,6 @@ def _prune(graph: onnx.GraphProto) -> None:
 FLASH_MIN_TOKENS = 512
 
 
-def fold_qkv_bias(model: onnx.ModelProto) -> int:
-    """Give each bias-less MultiHeadAttention the biases of its Q, K and V projections.
-
-    The fused graph adds each projection's bias in its own ``Add`` before the attention;
-    MultiHeadAttention adds a packed ``(3 * hidden)`` bias itself, in the same order and
-    precision, so three full passes over the activations per layer go away (2-3% of
-    int8 time on the full-size model, where the per-token scale multiply keeps the int8
-    products from absorbing the bias). Returns how many attentions were changed."""
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    producer = {o: n for n in graph.node for o in n.output}
-    uses: dict[str, int] = {}  # consumers other than Shape (x + bias has the shape of x)
-    shape_users: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in node.input:
-            if node.op_type == "Shape":
-                shape_users.setdefault(name, []).append(node)
-            else:
-                uses[name] = uses.get(name, 0) + 1
-    for out in graph.output:
-        uses[out.name] = uses.get(out.name, 0) + 1
-    dropped: set[int] = set()
-    changed = 0
-    for node in graph.node:
-        if node.op_type != "MultiHeadAttention" or node.domain != MS_DOMAIN or len(node.input) < 3:
-            continue
-        if len(node.input) > 3 and node.input[3]:
-            continue  # already has a bias
-        adds = [producer.get(name) for name in node.input[:3]]
-        biases = []
-        for add in adds:
-            if add is None or add.op_type != "Add" or uses.get(add.output[0], 0) != 1:
-                break
-            bias = next((i for i in add.input if i in inits and len(inits[i].dims) == 1), None)
-            if bias is None:
-                break
-            other = next(i for i in add.input if i != bias)
-            biases.append((other, onnx.numpy_helper.to_array(inits[bias])))
-        if len(biases) != 3 or len({b.dtype for _, b in biases}) != 1:
-            continue
-        packed = f"{node.name or node.output[0]}_qkv_bias"
-        graph.initializer.append(onnx.numpy_helper.from_array(np.concatenate([b for _, b in biases]), packed))
-        for add, (other, _) in zip(adds, biases, strict=True):
-            for user in shape_users.get(add.output[0], []):  # type: ignore[union-attr]
-                user.input[0] = other
-        rest = list(node.input[4:])  # masks stay where they are
-        del node.input[:]
-        node.input.extend([*(x for x, _ in biases), packed, *rest])
-        dropped.update(id(a) for a in adds)
-        changed += 1
-    if dropped:
-        nodes = [n for n in graph.node if id(n) not in dropped]
-        del graph.node[:]
-        graph.node.extend(nodes)
-        _prune(graph)
-    return changed
-
-
 def add_flash_path(model: onnx.ModelProto, mask_input: str = INPUT_NAMES[1], min_tokens: int = FLASH_MIN_TOKENS) -> int:
     """Rewrite every masked MultiHeadAttention into the If above; returns how many."""
     graph = model.graph
@@ -197,6 +138,5 @@ def add_flash_path(model: onnx.ModelProto, mask_input: str = INPUT_NAMES[1], min
 
 def optimize_for_cpu(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:
     fused, counts = fuse_transformer(model)
-    counts["qkv_bias_folded"] = fold_qkv_bias(fused)
     counts["flash_path"] = add_flash_path(fused)
     return fused, counts

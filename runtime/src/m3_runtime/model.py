@@ -13,7 +13,16 @@ from . import scoring
 from .batching import pad_batch, plan_batches
 from .contract import COLBERT, DENSE, INPUT_NAMES, SPARSE, TOKENIZER_FILE, Variant
 from .package import PackageError, load_package
-from .session import CPU, GPU_PROVIDERS, TENSORRT, SessionConfig, available_providers, create_session, default_variant
+from .session import (
+    CPU,
+    GPU_PROVIDERS,
+    TENSORRT,
+    SessionConfig,
+    available_providers,
+    create_session,
+    default_cache_dir,
+    default_variant,
+)
 from .tokenize import M3Tokenizer
 
 # Default padded-token budget per forward pass (``max_batch_tokens=None``).
@@ -77,7 +86,9 @@ class M3Model:
         pad_batches: whether texts of different lengths share a (padded) batch (default).
             ``False`` batches only texts of one length (each call then takes the
             mask-free flash attention path).
-        verify: check each package file's SHA-256 at load (sizes are always checked).
+        verify: check each package file's SHA-256 at load (sizes are always checked). A
+            file hashed before and unchanged since (same size, modification time and
+            inode, recorded in ``<cache_dir>/verified.json``) is not hashed again.
         device_id, cache_dir, intra_op_threads: provider settings; TensorRT engine and
             timing caches go under ``cache_dir`` (default ``~/.cache/m3-runtime``).
         allow_spinning: let ONNX Runtime's worker threads spin between operators. Off by
@@ -110,7 +121,8 @@ class M3Model:
             list(manifest.variants), list(providers) if providers else have
         )
         info = self.package.variant(self.variant)
-        self.package.verify(manifest.tokenizer_files + info.files, full=verify)
+        record = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "verified.json"
+        self.package.verify(manifest.tokenizer_files + info.files, full=verify, record=record)
 
         self.max_length = manifest.max_length
         self.hidden_size = manifest.hidden_size
@@ -242,7 +254,9 @@ class M3Model:
             if out.colbert is not None:
                 vecs = results[COLBERT]
                 for row, i in enumerate(batch):
-                    out.colbert[i] = vecs[row, : int(lengths[row]) - 1].copy()
+                    rows = vecs[row, : int(lengths[row]) - 1]
+                    # A lone text's rows are the whole output: no copy (32 MB at 8,192 tokens).
+                    out.colbert[i] = rows if len(batch) == 1 else rows.copy()
         return out
 
     # -- FlagEmbedding API ----------------------------------------------------
