@@ -130,3 +130,19 @@ def test_smoothing_improves_int8_on_an_outlier_channel(session):
         y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
         errors.append(np.abs(y - exact).mean())
     assert errors[1] < 0.5 * errors[0], errors
+
+
+def test_both_quantizer_forms_match_numpy():
+    """The widest inputs take a per-axis QuantizeLinear over (tokens, K), narrower ones a
+    blocked one over the 3-D tensor; both give the NumPy per-token arithmetic."""
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((K, N)).astype(np.float32)
+    model, count = quantize_per_token(_graph(w, w))  # y (width N < K) is quantized too
+    assert count == 3
+    ql = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    assert sorted(any(a.name == "block_size" for a in n.attribute) for n in ql) == [False, True]
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((2, 3, K)).astype(np.float32)
+    y, _, kept = sess.run(None, {"x": x})
+    np.testing.assert_allclose(y, _reference(x, w), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(kept, _reference(y, np.eye(N, dtype=np.float32)), rtol=1e-5, atol=1e-5)
