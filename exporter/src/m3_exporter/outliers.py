@@ -31,17 +31,19 @@ import onnx
 from m3_runtime.batching import pad_batch
 from m3_runtime.contract import CPU, INPUT_NAMES
 
+from .int8 import constant_weight
+
 DEFAULT_BUDGET = 0.0  # opt-in; 0.06 was the default with per-run activation scales
 OUTLIER_FACTOR = 3.0
 
 
 def weighted_matmuls(model: onnx.ModelProto) -> dict[str, tuple[str, int]]:
-    """MatMul node name -> (activation input, weight element count), for constant weights."""
-    sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    """MatMul node name -> (activation input, weight element count), for the MatMuls int8 quantizes."""
+    weights = {t.name: t for t in model.graph.initializer}
     return {
-        n.name: (n.input[0], sizes[n.input[1]])
+        n.name: (n.input[0], int(np.prod(w.dims)))
         for n in model.graph.node
-        if n.op_type == "MatMul" and n.input[1] in sizes
+        if (w := constant_weight(n, weights)) is not None
     }
 
 
@@ -88,12 +90,10 @@ def outlier_ratios(stats: dict[str, tuple[np.ndarray, float, int]], model: onnx.
     return {node: ratio[x] for node, (x, _) in weighted_matmuls(model).items()}
 
 
-def keep_in_fp32(fp32_graph: Path, ratios: dict[str, float], budget: float) -> list[str]:
+def keep_in_fp32(model: onnx.ModelProto, ratios: dict[str, float], budget: float) -> list[str]:
     """Outlier-heavy MatMuls (ratio >= OUTLIER_FACTOR x median), worst first, within ``budget`` of the
     weights; the worst one is kept even if it alone exceeds the budget."""
-    sizes = {
-        node: size for node, (_, size) in weighted_matmuls(onnx.load(str(fp32_graph), load_external_data=False)).items()
-    }
+    sizes = {node: size for node, (_, size) in weighted_matmuls(model).items()}
     total = sum(sizes.values())
     chosen: list[str] = []
     used = 0

@@ -2,11 +2,11 @@
 
 Texts are sorted longest first and packed into batches bounded both by
 ``batch_size`` and by a budget of padded tokens (rows x longest row). A text longer
-than the budget runs alone, unpadded. On CPUs padding is worse than waste: a padded
-batch needs the masked attention kernel, and on the full-size model (2 vCPUs,
-fp32) texts run one per call were 2x faster than padded batches (295 against 152
-tokens/s on queries, 370 against 188 on passages), so the CPU default is to batch
-only texts of equal length (``pad=False``).
+than the budget runs alone, unpadded. What makes CPU batches slow is their size, not
+their padding (full-size model, 2 vCPUs: fp32 queries 389 tokens/s under a 256-token
+budget, 149 under 16,384), hence the runtime's small CPU budget (``M3Model``).
+``pad=False`` batches only texts of one length; ``pad_limit`` keeps long texts
+unpadded so they keep the flash attention kernel.
 """
 
 from __future__ import annotations

@@ -121,8 +121,8 @@ class M3Model:
             list(manifest.variants), list(providers) if providers else have
         )
         info = self.package.variant(self.variant)
-        record = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / "verified.json"
-        self.package.verify(manifest.tokenizer_files + info.files, full=verify, record=record)
+        cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.package.verify(manifest.tokenizer_files + info.files, full=verify, record=cache_root / "verified.json")
 
         self.max_length = manifest.max_length
         self.hidden_size = manifest.hidden_size
@@ -154,7 +154,7 @@ class M3Model:
             max_length=self.max_length,
             trt_max_batch=min(batch_size, 32),
             device_id=device_id,
-            cache_dir=Path(cache_dir) if cache_dir is not None else None,
+            cache_dir=cache_root,
             intra_op_threads=intra_op_threads,
             allow_spinning=allow_spinning,
         )
