@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import math
+import re
+from collections import Counter
+
 VALIDATION_TEXTS: tuple[str, ...] = (
     "What is BGE M3?",
     "BGE M3 is an embedding model supporting dense retrieval, lexical matching and multi-vector interaction.",
@@ -81,3 +85,23 @@ def retrieval_set(paragraphs: list[str], n_queries: int) -> tuple[list[str], lis
         queries.append((" ".join(words[:size]), i))
         corpus[i] = " ".join(words[size:])
     return corpus, queries
+
+
+def keyword_queries(paragraphs: list[str]) -> list[tuple[str, int]]:
+    """One keyword query per paragraph: [(query, index of its passage)], passages whole.
+
+    The query is the paragraph's 4-6 most distinctive words (term frequency x inverse
+    document frequency over ``paragraphs``, words of 3+ letters, ties by spelling) in the
+    order they first appear in it: what a user types to find that passage. Deterministic;
+    the model plays no part in choosing them.
+    """
+    words = [re.findall(r"[a-z]{3,}", p.lower()) for p in paragraphs]
+    df = Counter(w for ws in words for w in set(ws))
+    n = len(paragraphs)
+    queries = []
+    for i, ws in enumerate(words):
+        tf = Counter(ws)
+        weight = {w: tf[w] * math.log(n / df[w]) for w in tf}
+        top = set(sorted(weight, key=lambda w: (-weight[w], w))[: 4 + i % 3])
+        queries.append((" ".join(w for w in dict.fromkeys(ws) if w in top), i))
+    return queries

@@ -143,34 +143,43 @@ def retrieval_fidelity(
 ) -> dict[str, float]:
     """A variant against fp32 on real English text, as a retrieval user sees it.
 
-    Passages: ``n_passages`` paragraphs of ``texts.english_paragraphs`` (<= 128 tokens);
-    queries: the opening words of ``n_queries`` of them, cut off their passage
-    (``texts.retrieval_set``). Reports
-    dense cosine (min/mean over passages and queries), the mean overlap of each query's
-    top-10 passages, and the share of queries whose target passage changed rank.
+    Passages: ``n_passages`` paragraphs of ``texts.english_paragraphs`` (<= 128 tokens).
+    Two query sets: keyword queries, one per paragraph, its 4-6 most distinctive words
+    (``texts.keyword_queries``, passages whole; ``real_keyword_*``); and the opening
+    8-12 words of ``n_queries`` paragraphs, cut off their passage
+    (``texts.retrieval_set``; ``real_top10_overlap``, ``real_target_*``). Reports dense
+    cosine (min/mean over passages and both query sets), for each set the mean overlap
+    of each query's top-10 passages, the share of queries whose target passage changed
+    rank, and the share fp32 ranks first.
     """
-    from .texts import english_paragraphs, retrieval_set
+    from .texts import english_paragraphs, keyword_queries, retrieval_set
 
-    passages, queries = retrieval_set(english_paragraphs(n_passages), n_queries)
-    texts = passages + [q for q, _ in queries]
+    paragraphs = english_paragraphs(n_passages)
+    opened, opening = retrieval_set(paragraphs, n_queries)
+    keywords = keyword_queries(paragraphs)
+    # metric names: (top-10 overlap, target rank changed, fp32 ranks the target first)
+    sets = {
+        ("real_top10_overlap", "real_target_rank_changed", "real_target_top1_fp32"): (opened, opening),
+        ("real_keyword_top10_overlap", "real_keyword_rank_changed", "real_keyword_top1_fp32"): (paragraphs, keywords),
+    }
+    texts = [t for passages, queries in sets.values() for t in passages + [q for q, _ in queries]]
     ids = tokenizer.encode(texts, 128)
     base = np.stack(onnx_outputs(base_graph, ids, pad_id).dense).astype(np.float64)
     got = np.stack(onnx_outputs(graph, ids, pad_id).dense).astype(np.float64)
     cos = cosine(base, got)
-    n = len(passages)
-
-    def ranking(vecs: np.ndarray) -> np.ndarray:
-        return np.argsort(-(vecs[n:] @ vecs[:n].T), axis=1, kind="stable")
-
-    rank_base, rank_got = ranking(base), ranking(got)
-    overlap = np.mean([len(set(a[:10]) & set(b[:10])) / 10 for a, b in zip(rank_base, rank_got, strict=True)])
-    targets = np.array([i for _, i in queries])
-    pos_base = np.argmax(rank_base == targets[:, None], axis=1)
-    pos_got = np.argmax(rank_got == targets[:, None], axis=1)
-    return {
-        "real_dense_cos_min": float(cos.min()),
-        "real_dense_cos_mean": float(cos.mean()),
-        "real_top10_overlap": float(overlap),
-        "real_target_rank_changed": float(np.mean(pos_base != pos_got)),
-        "real_target_top1_fp32": float(np.mean(pos_base == 0)),
-    }
+    metrics = {"real_dense_cos_min": float(cos.min()), "real_dense_cos_mean": float(cos.mean())}
+    start = 0
+    for (overlap_key, changed_key, top1_key), (passages, queries) in sets.items():
+        n, m = len(passages), len(queries)
+        rows = slice(start, start + n + m)
+        start += n + m
+        ranks = []
+        for vecs in (base[rows], got[rows]):
+            ranks.append(np.argsort(-(vecs[n:] @ vecs[:n].T), axis=1, kind="stable"))
+        overlap = np.mean([len(set(a[:10]) & set(b[:10])) / 10 for a, b in zip(*ranks, strict=True)])
+        targets = np.array([i for _, i in queries])
+        pos_base, pos_got = (np.argmax(r == targets[:, None], axis=1) for r in ranks)
+        metrics[overlap_key] = float(overlap)
+        metrics[changed_key] = float(np.mean(pos_base != pos_got))
+        metrics[top1_key] = float(np.mean(pos_base == 0))
+    return metrics
