@@ -207,3 +207,54 @@ def test_cli_encode_defaults_to_dense_on_a_dense_package(minilm_pkg):
         timeout=300,
     )
     assert res.returncode == 2 and "dense-only model" in res.stderr
+
+
+def test_xlm_roberta_dense_encoder_matches_sentence_transformers(tmp_path):
+    """An XLM-R backbone in the sentence-transformers layout (the tiny M3 checkpoint's
+    backbone without its heads, CLS pooling, normalised, 512 tokens) exports as a dense
+    model whose fp32 matches sentence-transformers and whose int8 stays close."""
+    from m3_exporter import export_package
+    from sentence_transformers import SentenceTransformer
+
+    from tests.conftest import CHECKPOINT
+
+    ckpt = tmp_path / "xlmr-dense"
+    ckpt.mkdir()
+    for name in ("config.json", "model.safetensors", "sentencepiece.bpe.model", "special_tokens_map.json"):
+        shutil.copy(CHECKPOINT / name, ckpt / name)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(CHECKPOINT / name, ckpt / name)
+    modules = [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+    ]
+    (ckpt / "modules.json").write_text(json.dumps(modules))
+    (ckpt / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 512, "do_lower_case": False}))
+    (ckpt / "1_Pooling").mkdir()
+    (ckpt / "1_Pooling" / "config.json").write_text(
+        json.dumps({"word_embedding_dimension": 64, "pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False})
+    )
+    (ckpt / "2_Normalize").mkdir()
+
+    out = tmp_path / "pkg"
+    manifest = export_package(
+        str(ckpt), out, variants=["fp32", "int8"], query_instruction="query: ", say=lambda _m: None
+    )
+    assert (manifest.model_kind, manifest.pooling, manifest.normalize, manifest.max_length) == (
+        "dense",
+        "cls",
+        True,
+        512,
+    )
+    texts = ["What is BGE M3?", "北京是中华人民共和国的首都。", "", "Москва " * 700]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        st = SentenceTransformer(str(ckpt), device="cpu")
+        ref = st.encode(texts, convert_to_numpy=True)
+        ref_q = st.encode(["query: " + t for t in texts[:2]], convert_to_numpy=True)
+    fp32 = M3Model(out, variant="fp32")
+    np.testing.assert_allclose(fp32.encode(texts)["dense_vecs"], ref, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(fp32.encode_queries(texts[:2])["dense_vecs"], ref_q, atol=1e-5, rtol=0)
+    int8 = M3Model(out, variant="int8").encode(texts)["dense_vecs"]
+    assert (int8 * ref).sum(1).min() > 0.99
