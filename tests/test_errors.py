@@ -122,6 +122,38 @@ def test_verified_files_are_not_hashed_again_until_they_change(copy, tmp_path, m
     assert hashed == ["model.fp32.onnx.data"]
 
 
+def test_info_says_which_files_the_next_load_hashes(copy, tmp_path):
+    """`m3 info` reports, per variant, whether its files are verified and unchanged
+    (a load would skip the hash) or how much a load would hash."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    def info() -> str:
+        env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "xdg")}
+        res = subprocess.run(
+            [str(Path(sys.executable).parent / "m3"), "info", str(copy)], capture_output=True, text=True, env=env
+        )
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    out = info()
+    assert out.count("files to hash at the next load") == 3, out  # fp32, fp16, int8: nothing verified yet
+    M3Model(copy, variant="fp32", cache_dir=tmp_path / "xdg" / "m3-runtime")
+    lines = info().splitlines()
+    fp32 = lines.index(next(line for line in lines if line.lstrip().startswith("fp32")))
+    sha = [line for line in lines[fp32:] if "SHA-256" in line]
+    assert "verified, unchanged since" in sha[0]  # fp32: just hashed by the load
+    assert "files to hash at the next load" in sha[1]  # the next variant still is not
+    data = copy / "model.fp32.onnx.data"
+    os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns + 1))
+    lines = info().splitlines()
+    sha = [line for line in lines[fp32:] if "SHA-256" in line]
+    mb = data.stat().st_size / 1e6
+    assert "1 of" in sha[0] and f"({mb:.1f} MB;" in sha[0], sha[0]
+
+
 def test_tampered_tokenizer_is_named(copy):
     tok = copy / "tokenizer.json"
     tok.write_text(tok.read_text(encoding="utf-8").replace('"<unk>"', '"<UNK>"', 1), encoding="utf-8")

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from .contract import SPARSE, VARIANTS
 from .package import load_package
-from .session import available_providers, default_variant
+from .session import available_providers, default_cache_dir, default_variant
 
 
 def _model(args: argparse.Namespace):
@@ -76,6 +76,7 @@ def cmd_info(args: argparse.Namespace) -> None:
     package = load_package(args.package)
     m = package.manifest
     providers = available_providers()
+    record = default_cache_dir() / "verified.json"
     lines = [
         f"package      {package.root}",
         f"format       {m.format_version} ({m.model_kind})",
@@ -96,6 +97,21 @@ def cmd_info(args: argparse.Namespace) -> None:
                 "        vs PyTorch: "
                 + ", ".join(f"{k} {info.validation[k]:.3g}" for k in shown if k in info.validation)
             )
+            real = [k for k in info.validation if k.startswith("real_")]
+            if real:
+                lines.append(
+                    "        vs fp32 on real English text: " + ", ".join(f"{k} {info.validation[k]:.4g}" for k in real)
+                )
+        todo = package.unverified(m.tokenizer_files + info.files, record)
+        lines.append(
+            "        SHA-256: "
+            + (
+                f"{len(todo)} of {len(m.tokenizer_files) + len(info.files)} files to hash at the next load "
+                f"({sum(f.bytes for f in todo) / 1e6:.1f} MB; not in {record} as they are now)"
+                if todo
+                else f"verified, unchanged since ({record})"
+            )
+        )
     lines.append("built with   " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
     lines.append(f"providers    {', '.join(providers)} (this ONNX Runtime)")
     lines.append(f"default      {default_variant(list(m.variants), providers)} on this machine")

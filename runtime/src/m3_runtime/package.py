@@ -75,7 +75,7 @@ class Package:
                 )
             if not full:
                 continue
-            stamp = [st.st_size, st.st_mtime_ns, st.st_ino, entry.sha256]
+            stamp = _stamp(st, entry)
             if seen.get(str(path)) == stamp:
                 continue
             if sha256_file(path) != entry.sha256:
@@ -84,6 +84,26 @@ class Package:
             changed = True
         if record is not None and changed:
             _write_record(record, seen)
+
+    def unverified(self, entries: tuple[FileEntry, ...], record: Path) -> list[FileEntry]:
+        """The ``entries`` that a load would hash: not in ``record`` as they are now."""
+        seen = _read_record(record)
+        out = []
+        for entry in entries:
+            path = self.path(entry)
+            try:
+                st = path.stat()
+            except OSError:
+                out.append(entry)
+                continue
+            if seen.get(str(path)) != _stamp(st, entry):
+                out.append(entry)
+        return out
+
+
+def _stamp(st: os.stat_result, entry: FileEntry) -> list:
+    """What the verification record keeps of a file: unchanged stamp, no re-hash."""
+    return [st.st_size, st.st_mtime_ns, st.st_ino, entry.sha256]
 
 
 def _read_record(record: Path) -> dict[str, list]:
