@@ -167,3 +167,21 @@ def test_pad_batch():
     assert ids.tolist() == [[0, 5, 2], [0, 2, 1]]
     assert mask.tolist() == [[1, 1, 1], [1, 1, 0]]
     assert ids.dtype == mask.dtype == np.int64
+
+
+def test_heap_is_released_after_long_passes_only(package_dir, monkeypatch):
+    """A forward pass over >= RELEASE_AFTER_TOKENS tokens hands the C heap's free memory
+    back (glibc malloc_trim); short batches do not pay for it."""
+    from m3_runtime import model as model_module
+    from m3_runtime import session
+
+    calls: list[int] = []
+    monkeypatch.setattr(model_module, "release_heap", lambda: calls.append(1))
+    model = M3Model(package_dir, variant="fp32")
+    model.encode(["short text"] * 8)
+    assert calls == []
+    long_text = "Multilingual retrieval needs long passages too. " * 600  # > 4,096 tokens
+    assert len(model.tokenizer.encode([long_text], 8192)[0]) >= model_module.RELEASE_AFTER_TOKENS
+    model.encode([long_text])
+    assert calls == [1]
+    session.release_heap()  # the real one runs (glibc here) without error

@@ -22,12 +22,16 @@ from .session import (
     create_session,
     default_cache_dir,
     default_variant,
+    release_heap,
 )
 from .tokenize import M3Tokenizer
 
 # Default padded-token budget per forward pass (``max_batch_tokens=None``).
 GPU_BATCH_TOKENS = 16384
 CPU_BATCH_TOKENS = 256
+# After a forward pass over at least this many tokens the C heap's free memory goes
+# back to the OS (``session.release_heap``).
+RELEASE_AFTER_TOKENS = 4096
 
 EncodeResult = dict[str, Any]
 Texts = str | Sequence[str]
@@ -201,6 +205,9 @@ class M3Model:
             return self.session.run(names, {INPUT_NAMES[0]: input_ids, INPUT_NAMES[1]: mask})
         except Exception as exc:
             raise RuntimeError(f"ONNX Runtime failed on a batch of shape {input_ids.shape}: {exc}") from None
+        finally:
+            if input_ids.size >= RELEASE_AFTER_TOKENS:
+                release_heap()
 
     def _encode(
         self,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,33 @@ def _provider_options(name: str, config: SessionConfig, cache_dir: Path) -> dict
     if name == CUDA:
         return {"device_id": config.device_id, "cudnn_conv_algo_search": "HEURISTIC"}
     return {}
+
+
+_TRIM: list = []  # [glibc malloc_trim or None], looked up once
+
+
+def release_heap() -> None:
+    """Give the C heap's free memory back to the OS (glibc ``malloc_trim``; elsewhere nothing).
+
+    With the CPU arena off, ONNX Runtime's tensors come from malloc, and after a long
+    input glibc keeps freed blocks that later inputs do not fully reuse: int8, one
+    8,192-token text, activation peak 571 MB for one pass, 604 MB over three passes,
+    593 MB over three with a trim after each (2-vCPU box). The model calls this after
+    a forward pass over ``RELEASE_AFTER_TOKENS`` tokens or more, where a trim's cost is
+    lost in the run's."""
+    if not _TRIM:
+        trim = None
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+
+                trim = ctypes.CDLL("libc.so.6").malloc_trim
+                trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+            except (OSError, AttributeError):
+                trim = None
+        _TRIM.append(trim)
+    if _TRIM[0] is not None:
+        _TRIM[0](0)
 
 
 def default_cache_dir() -> Path:
