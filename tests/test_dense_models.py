@@ -220,9 +220,8 @@ def test_xlm_roberta_dense_encoder_matches_sentence_transformers(tmp_path):
 
     ckpt = tmp_path / "xlmr-dense"
     ckpt.mkdir()
-    for name in ("config.json", "model.safetensors", "sentencepiece.bpe.model", "special_tokens_map.json"):
-        shutil.copy(CHECKPOINT / name, ckpt / name)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
+    backbone = ("config.json", "model.safetensors", "sentencepiece.bpe.model", "special_tokens_map.json")
+    for name in (*backbone, "tokenizer.json", "tokenizer_config.json"):  # not the two heads
         shutil.copy(CHECKPOINT / name, ckpt / name)
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},

@@ -102,11 +102,12 @@ def cmd_info(args: argparse.Namespace) -> None:
                 lines.append(
                     "        vs fp32 on real English text: " + ", ".join(f"{k} {info.validation[k]:.4g}" for k in real)
                 )
-        todo = package.unverified(m.tokenizer_files + info.files, record)
+        entries = m.tokenizer_files + info.files
+        todo = package.unverified(entries, record)
         lines.append(
             "        SHA-256: "
             + (
-                f"{len(todo)} of {len(m.tokenizer_files) + len(info.files)} files to hash at the next load "
+                f"{len(todo)} of {len(entries)} files to hash at the next load "
                 f"({sum(f.bytes for f in todo) / 1e6:.1f} MB; not in {record} as they are now)"
                 if todo
                 else f"verified, unchanged since ({record})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -92,7 +93,19 @@ def _provider_options(name: str, config: SessionConfig, cache_dir: Path) -> dict
     return {}
 
 
-_TRIM: list = []  # [glibc malloc_trim or None], looked up once
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's ``malloc_trim``, or None where there is none (looked up once)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return trim
 
 
 def release_heap() -> None:
@@ -104,19 +117,9 @@ def release_heap() -> None:
     593 MB over three with a trim after each (2-vCPU box). The model calls this after
     a forward pass over ``RELEASE_AFTER_TOKENS`` tokens or more: the trim after that
     8,192-token run took 3.6 ms, the run 37 s."""
-    if not _TRIM:
-        trim = None
-        if sys.platform.startswith("linux"):
-            try:
-                import ctypes
-
-                trim = ctypes.CDLL("libc.so.6").malloc_trim
-                trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-            except (OSError, AttributeError):
-                trim = None
-        _TRIM.append(trim)
-    if _TRIM[0] is not None:
-        _TRIM[0](0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def default_cache_dir() -> Path:
