@@ -12,12 +12,20 @@ BGE-M3 graph (one per variant, backbone + both heads):
 
 Dense-only graph (bge-*-en-v1.5, sentence-transformers encoders): the same inputs,
 ``dense_vecs`` alone, ``normalize?(pool(h))`` with CLS or masked-mean pooling.
+
+Reranker graph (bge-reranker-*, ``XLMRobertaForSequenceClassification`` with one
+label): the same inputs for ``<s> query </s></s> passage </s>``,
+ -> scores          (batch,) float32              logits.view(-1), the raw logit
+
+Which outputs a model kind has is one table, ``KINDS``: a new kind is one row.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Final, Literal, get_args
+
+from .errors import M3Error
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -27,17 +35,47 @@ INPUT_NAMES: tuple[str, ...] = ("input_ids", "attention_mask")
 DENSE = "dense_vecs"
 SPARSE = "sparse_weights"
 COLBERT = "colbert_vecs"
+SCORES = "scores"
 OUTPUT_NAMES: tuple[str, ...] = (DENSE, SPARSE, COLBERT)
 
-# Model kinds: BGE-M3 (three heads) and dense-only encoders (bge-*-en-v1.5, MiniLM, ...).
-M3_KIND = "bge-m3"
-DENSE_KIND = "dense"
+M3_KIND: Final = "bge-m3"
+DENSE_KIND: Final = "dense"
+RERANKER_KIND: Final = "reranker"
+KindName = Literal["bge-m3", "dense", "reranker"]
 Pooling = Literal["cls", "mean"]
 
 
+@dataclass(frozen=True)
+class ModelKind:
+    """A model kind: its graph outputs and what it is for (used in messages)."""
+
+    name: KindName
+    outputs: tuple[str, ...]
+    description: str
+    # Inputs are single texts (embedders) or (query, passage) pairs (rerankers).
+    pairs: bool = False
+
+    def has(self, output: str) -> bool:
+        return output in self.outputs
+
+
+KINDS: dict[str, ModelKind] = {
+    M3_KIND: ModelKind(M3_KIND, (DENSE, SPARSE, COLBERT), "BGE-M3 model (dense, sparse, ColBERT)"),
+    DENSE_KIND: ModelKind(DENSE_KIND, (DENSE,), "dense-only model"),
+    RERANKER_KIND: ModelKind(RERANKER_KIND, (SCORES,), "reranker (cross-encoder)", pairs=True),
+}
+
+
+def model_kind(name: str) -> ModelKind:
+    try:
+        return KINDS[name]
+    except KeyError:
+        raise ManifestError(f"unknown model kind {name!r} (known: {', '.join(KINDS)})") from None
+
+
 def output_names(kind: str) -> tuple[str, ...]:
-    """Graph outputs of a model kind: all three for BGE-M3, ``dense_vecs`` alone otherwise."""
-    return OUTPUT_NAMES if kind == M3_KIND else (DENSE,)
+    """Graph outputs of a model kind (``KINDS``)."""
+    return model_kind(kind).outputs
 
 
 Variant = Literal["fp32", "fp16", "int8"]
@@ -66,7 +104,7 @@ def data_file(variant: Variant) -> str:
     return f"model.{variant}.onnx.data"
 
 
-class ManifestError(ValueError):
+class ManifestError(M3Error, ValueError):
     """The manifest is missing fields, has wrong types or an unknown format version."""
 
 
@@ -132,8 +170,12 @@ class Manifest:
     query_instruction: str | None = None  # prepended by encode_queries
 
     @property
+    def kind(self) -> ModelKind:
+        return model_kind(self.model_kind)
+
+    @property
     def output_names(self) -> tuple[str, ...]:
-        return output_names(self.model_kind)
+        return self.kind.outputs
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
@@ -167,7 +209,7 @@ class Manifest:
                 )
             return cls(
                 format_version=int(version),
-                model_kind=str(data["model_kind"]),
+                model_kind=model_kind(str(data["model_kind"])).name,
                 source=dict(data["source"]),
                 hidden_size=int(data["hidden_size"]),
                 max_length=int(data["max_length"]),
@@ -198,5 +240,6 @@ def graph_shapes(hidden_size: int, kind: str = M3_KIND) -> tuple[dict[str, list[
         DENSE: ["batch", str(hidden_size)],
         SPARSE: ["batch", "sequence"],
         COLBERT: ["batch", "sequence-1", str(hidden_size)],
+        SCORES: ["batch"],
     }
     return inputs, {name: shapes[name] for name in output_names(kind)}

@@ -1,4 +1,10 @@
-"""``M3Model``: FlagEmbedding's ``BGEM3FlagModel`` API on an ONNX model package."""
+"""``M3Model``: FlagEmbedding's ``BGEM3FlagModel`` API over an ``Engine``.
+
+The engine loads the package and runs forward passes; this class only shapes what
+FlagEmbedding users call: argument defaults and checks, the result dictionaries, the
+scores. ``embed`` is the typed form underneath ``encode`` (it also gives each text's
+token count), for code that is not migrating from FlagEmbedding.
+"""
 
 from __future__ import annotations
 
@@ -10,43 +16,29 @@ from typing import Any
 import numpy as np
 
 from . import scoring
-from .batching import pad_batch, plan_batches
-from .contract import COLBERT, DENSE, INPUT_NAMES, SPARSE, TOKENIZER_FILE, Variant
-from .package import PackageError, load_package
-from .session import (
-    CPU,
-    GPU_PROVIDERS,
-    TENSORRT,
-    SessionConfig,
-    available_providers,
-    create_session,
-    default_cache_dir,
-    default_variant,
-    release_heap,
-)
-from .tokenize import M3Tokenizer
-
-# Default padded-token budget per forward pass (``max_batch_tokens=None``).
-GPU_BATCH_TOKENS = 16384
-CPU_BATCH_TOKENS = 256
-# After a forward pass over at least this many tokens the C heap's free memory goes
-# back to the OS (``session.release_heap``).
-RELEASE_AFTER_TOKENS = 4096
+from .contract import COLBERT, DENSE, SPARSE, Variant
+from .engine import DEFAULT_BATCH_SIZE, Engine, check_positive
+from .errors import InputError, InputTypeError, UnsupportedOutput
+from .heads import TextOutput, split_batch
 
 EncodeResult = dict[str, Any]
 Texts = str | Sequence[str]
 
+DENSE_ONLY_HINT = "use return_sparse=False, return_colbert_vecs=False"
 
-@dataclass
-class _Encoded:
-    """Per-text outputs in input order; ``None`` where an output was not asked for."""
 
-    dense: np.ndarray | None
+@dataclass(frozen=True)
+class Embeddings:
+    """Outputs of ``M3Model.embed`` in input order; ``None`` where not asked for."""
+
+    tokens: np.ndarray  # (n,) int64: each text's token count after truncation
+    dense: np.ndarray | None  # (n, hidden) float32
     lexical: list[scoring.LexicalWeights] | None
-    colbert: list[np.ndarray] | None
+    colbert: list[np.ndarray] | None  # each (tokens_i - 1, hidden) float32
 
 
-def _as_texts(sentences: object, name: str) -> tuple[list[str], bool]:
+def as_texts(sentences: object, name: str) -> tuple[list[str], bool]:
+    """``(texts, single)``: a str or a list of str, checked; ``single`` for a lone str."""
     if isinstance(sentences, str):
         return [sentences], True
     if (
@@ -54,12 +46,60 @@ def _as_texts(sentences: object, name: str) -> tuple[list[str], bool]:
         or not isinstance(sentences, Iterable)
         or isinstance(sentences, Mapping)
     ):
-        raise TypeError(f"{name} must be a str or a list of str, got {type(sentences).__name__}")
+        raise InputTypeError(f"{name} must be a str or a list of str, got {type(sentences).__name__}")
     texts = list(sentences)
     for i, text in enumerate(texts):
         if not isinstance(text, str):
-            raise TypeError(f"{name}[{i}] is {type(text).__name__}, expected str")
+            raise InputTypeError(f"{name}[{i}] is {type(text).__name__}, expected str")
     return texts, False
+
+
+def gather(outputs: Sequence[TextOutput], *, hidden_size: int, dense: bool, sparse: bool, colbert: bool) -> Embeddings:
+    """Per-text outputs -> ``Embeddings`` (stacked dense rows)."""
+    return Embeddings(
+        tokens=np.array([o.tokens for o in outputs], dtype=np.int64),
+        dense=(
+            (np.stack([o.dense for o in outputs if o.dense is not None]) if outputs else np.zeros((0, hidden_size), dtype=np.float32))
+            if dense
+            else None
+        ),
+        lexical=[o.lexical for o in outputs] if sparse else None,  # type: ignore[misc]
+        colbert=[o.colbert for o in outputs] if colbert else None,  # type: ignore[misc]
+    )
+
+
+def as_pairs(sentence_pairs: object) -> tuple[list[tuple[str, str]], bool]:
+    """``(pairs, single)``: one ``(query, passage)`` or a list of them, each two str."""
+    single = (
+        isinstance(sentence_pairs, (tuple, list)) and len(sentence_pairs) == 2 and isinstance(sentence_pairs[0], str)
+    )
+    if not single and (isinstance(sentence_pairs, (str, bytes, Mapping)) or not isinstance(sentence_pairs, Iterable)):
+        raise InputTypeError(
+            f"sentence_pairs must be a (query, passage) pair or a list of them, got {sentence_pairs!r:.80}"
+        )
+    pairs: list[Any] = [sentence_pairs] if single else list(sentence_pairs)  # type: ignore[call-overload]
+    for i, pair in enumerate(pairs):
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise InputTypeError(f"sentence_pairs[{i}] must be a (query, passage) pair, got {pair!r:.80}")
+        for j, text in enumerate(pair):
+            if not isinstance(text, str):
+                raise InputTypeError(f"sentence_pairs[{i}][{j}] is {type(text).__name__}, expected str")
+    return [(str(a), str(b)) for a, b in pairs], single
+
+
+def pair_scores(q: Embeddings, p: Embeddings, *, weights: Sequence[float], chunk: int) -> dict[str, list[float]]:
+    """FlagEmbedding's five ``compute_score`` lists from queries' and passages' outputs.
+
+    ``chunk``: the ``batch_size`` the reference scored with (its ColBERT scores pad
+    passages per chunk, see ``scoring.paired_colbert_scores``)."""
+    assert q.dense is not None and p.dense is not None and q.lexical is not None and p.lexical is not None
+    assert q.colbert is not None and p.colbert is not None
+    return scoring.combine_scores(
+        dense=np.einsum("ij,ij->i", q.dense, p.dense).astype(np.float64),
+        sparse=scoring.paired_lexical_scores(q.lexical, p.lexical),
+        colbert=scoring.paired_colbert_scores(q.colbert, p.colbert, chunk=chunk),
+        weights=weights,
+    )
 
 
 class M3Model:
@@ -98,6 +138,8 @@ class M3Model:
         allow_spinning: let ONNX Runtime's worker threads spin between operators. Off by
             default (they burn shared cores); on a dedicated CPU it gave +20% on short
             queries (int8, 2 vCPUs).
+        engine: an already loaded ``Engine`` to wrap instead (the other arguments but
+            ``query_max_length``/``passage_max_length`` are then ignored).
     """
 
     def __init__(
@@ -106,7 +148,7 @@ class M3Model:
         variant: Variant | None = None,
         providers: Sequence[str] | None = None,
         *,
-        batch_size: int = 256,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         max_batch_tokens: int | None = None,
         query_max_length: int | None = None,
         passage_max_length: int | None = None,
@@ -117,154 +159,75 @@ class M3Model:
         cache_dir: str | Path | None = None,
         intra_op_threads: int = 0,
         allow_spinning: bool = False,
+        engine: Engine | None = None,
     ) -> None:
-        self.package = load_package(package_dir)
-        manifest = self.package.manifest
-        have = available_providers()
-        self.variant: Variant = variant or default_variant(
-            list(manifest.variants), list(providers) if providers else have
-        )
-        info = self.package.variant(self.variant)
-        cache_root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-        self.package.verify(manifest.tokenizer_files + info.files, full=verify, record=cache_root / "verified.json")
-
-        self.max_length = manifest.max_length
-        self.hidden_size = manifest.hidden_size
-        self.batch_size = self._check_positive(batch_size, "batch_size")
-        if max_batch_tokens is not None:
-            self._check_positive(max_batch_tokens, "max_batch_tokens")
-        self.query_max_length = self._check_length(
-            min(512, self.max_length) if query_max_length is None else query_max_length, "query_max_length"
-        )
-        self.passage_max_length = self._check_length(
-            self.max_length if passage_max_length is None else passage_max_length, "passage_max_length"
-        )
-        self.special = manifest.special_tokens
-        self.kind = manifest.model_kind
-        self.outputs = manifest.output_names
-        self.query_instruction = manifest.query_instruction
-        # Most texts per ONNX Runtime call whatever batch_size a call asks for (None: no cap).
-        self._rows_cap: int | None = 1 if (exact_batches and info.dynamic_activations) else None
-        self._pad_limit = info.flash_min_tokens
-        self.tokenizer = M3Tokenizer(
-            self.package.root / TOKENIZER_FILE, clean_up_tokenization_spaces=manifest.clean_up_tokenization_spaces
-        )
-
-        if providers is None:
-            wanted = [p for p in GPU_PROVIDERS if p in info.providers and p in have] + [CPU]
-        else:
-            wanted = list(providers)
-        config = SessionConfig(
-            max_length=self.max_length,
-            trt_max_batch=min(batch_size, 32),
+        self.engine = engine or Engine(
+            package_dir,
+            variant,
+            providers,
+            batch_size=batch_size,
+            max_batch_tokens=max_batch_tokens,
+            exact_batches=exact_batches,
+            pad_batches=pad_batches,
+            verify=verify,
             device_id=device_id,
-            cache_dir=cache_root,
+            cache_dir=cache_dir,
             intra_op_threads=intra_op_threads,
             allow_spinning=allow_spinning,
         )
-        graph = self.package.graph_path(self.variant)
-        cache_key = next(f.sha256[:16] for f in info.files if f.path == info.graph)
-        self.session, self.providers = create_session(graph, wanted, config, cache_key=cache_key)
-        if TENSORRT in self.providers:  # stay inside the TensorRT shape profile
-            self._rows_cap = min(self._rows_cap or config.trt_max_batch, config.trt_max_batch)
-        self._check_graph(graph)
-        self.pad_batches = pad_batches
-        on_gpu = any(p in GPU_PROVIDERS for p in self.providers)
-        if max_batch_tokens is None:
-            max_batch_tokens = GPU_BATCH_TOKENS if on_gpu else CPU_BATCH_TOKENS
-        self.max_batch_tokens: int = max_batch_tokens
-
-    # -- checks ---------------------------------------------------------------
-    @staticmethod
-    def _check_positive(value: int, name: str) -> int:
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        return value
-
-    def _check_length(self, value: int, name: str) -> int:
-        if not isinstance(value, int) or isinstance(value, bool) or not 2 <= value <= self.max_length:
-            raise ValueError(
-                f"{name} must be an integer in 2..{self.max_length} (the package's maximum), got {value!r}"
+        if self.engine.kind.pairs:
+            raise InputError(
+                f"{self.engine.package.root} is a {self.engine.kind.description}: load it with M3Reranker, not M3Model"
             )
-        return value
-
-    def _check_graph(self, graph: Path) -> None:
-        inputs = [(i.name, i.type) for i in self.session.get_inputs()]
-        expected_inputs = [(name, "tensor(int64)") for name in INPUT_NAMES]
-        outputs = sorted(o.name for o in self.session.get_outputs())
-        expected_outputs = sorted(self.outputs)
-        if inputs != expected_inputs or outputs != expected_outputs:
-            raise PackageError(
-                f"{graph} does not have the M3 graph interface: expected inputs {expected_inputs} and outputs "
-                f"{expected_outputs}, found inputs {inputs} and outputs {outputs}"
-            )
-
-    # -- core -----------------------------------------------------------------
-    def _run(self, names: list[str], input_ids: np.ndarray, mask: np.ndarray) -> list[np.ndarray]:
-        try:
-            return self.session.run(names, {INPUT_NAMES[0]: input_ids, INPUT_NAMES[1]: mask})
-        except Exception as exc:
-            raise RuntimeError(f"ONNX Runtime failed on a batch of shape {input_ids.shape}: {exc}") from None
-        finally:
-            if input_ids.size >= RELEASE_AFTER_TOKENS:
-                release_heap()
-
-    def _encode(
-        self,
-        texts: list[str],
-        *,
-        batch_size: int,
-        max_length: int,
-        dense: bool,
-        sparse: bool,
-        colbert: bool,
-    ) -> _Encoded:
-        if not (dense or sparse or colbert):
-            raise ValueError("ask for at least one of return_dense, return_sparse, return_colbert_vecs")
-        if (sparse or colbert) and SPARSE not in self.outputs:
-            raise ValueError(
-                f"{self.package.root} is a dense-only model ({self.package.manifest.source.get('id')}): "
-                "it has no sparse or ColBERT output; use return_sparse=False, return_colbert_vecs=False"
-            )
-        self._check_positive(batch_size, "batch_size")
-        self._check_length(max_length, "max_length")
-        n = len(texts)
-        out = _Encoded(
-            dense=np.zeros((n, self.hidden_size), dtype=np.float32) if dense else None,
-            lexical=[{} for _ in range(n)] if sparse else None,
-            colbert=[np.zeros((0, self.hidden_size), dtype=np.float32) for _ in range(n)] if colbert else None,
+        check = self.engine.check_length
+        self.query_max_length = check(
+            min(512, self.max_length) if query_max_length is None else query_max_length, "query_max_length"
         )
-        if n == 0:
-            return out
-        ids = self.tokenizer.encode(texts, max_length)
+        self.passage_max_length = check(
+            self.max_length if passage_max_length is None else passage_max_length, "passage_max_length"
+        )
+        self.query_instruction = self.engine.package.manifest.query_instruction
+
+    # Read-through views of the engine, for callers and for FlagEmbedding-style introspection.
+    package = property(lambda self: self.engine.package)
+    variant = property(lambda self: self.engine.variant)
+    providers = property(lambda self: self.engine.providers)
+    session = property(lambda self: self.engine.session)
+    tokenizer = property(lambda self: self.engine.tokenizer)
+    special = property(lambda self: self.engine.special)
+    kind = property(lambda self: self.engine.kind.name)
+    outputs = property(lambda self: self.engine.outputs)
+    max_length = property(lambda self: self.engine.max_length)
+    hidden_size = property(lambda self: self.engine.hidden_size)
+    batch_size = property(lambda self: self.engine.batch_size)
+    max_batch_tokens = property(lambda self: self.engine.max_batch_tokens)
+    pad_batches = property(lambda self: self.engine.pad_batches)
+
+    # -- typed core -----------------------------------------------------------
+    def embed(
+        self,
+        texts: Sequence[str],
+        *,
+        max_length: int | None = None,
+        dense: bool = True,
+        sparse: bool = False,
+        colbert: bool = False,
+        batch_size: int | None = None,
+    ) -> Embeddings:
+        """Outputs of ``texts`` (a list of str) and their token counts, in input order."""
         names = [name for name, on in ((DENSE, dense), (SPARSE, sparse), (COLBERT, colbert)) if on]
+        if not names:
+            raise InputError("ask for at least one of return_dense, return_sparse, return_colbert_vecs")
+        self.engine.check_outputs(names, DENSE_ONLY_HINT)
+        ids = self.engine.tokenize(texts, self.passage_max_length if max_length is None else max_length)
         unused = self.special.unused_for_sparse
-        if self._rows_cap is not None:
-            batch_size = min(batch_size, self._rows_cap)
-        for batch in plan_batches(
-            [len(x) for x in ids],
-            batch_size=batch_size,
-            max_tokens=self.max_batch_tokens,
-            pad=self.pad_batches,
-            pad_limit=self._pad_limit,
-        ):
-            input_ids, mask = pad_batch([ids[i] for i in batch], self.special.pad)
-            results = dict(zip(names, self._run(names, input_ids, mask), strict=True))
-            lengths = mask.sum(axis=1)
-            if out.dense is not None:
-                out.dense[batch] = results[DENSE]
-            if out.lexical is not None:
-                weights = results[SPARSE]
-                for row, i in enumerate(batch):
-                    length = int(lengths[row])
-                    out.lexical[i] = scoring.lexical_weights(weights[row, :length], input_ids[row, :length], unused)
-            if out.colbert is not None:
-                vecs = results[COLBERT]
-                for row, i in enumerate(batch):
-                    rows = vecs[row, : int(lengths[row]) - 1]
-                    # A lone text's rows are the whole output: no copy (32 MB at 8,192 tokens).
-                    out.colbert[i] = rows if len(batch) == 1 else rows.copy()
-        return out
+        per_text: list[TextOutput | None] = [None] * len(ids)
+        for batch in self.engine.plan(ids, batch_size=batch_size):
+            results = self.engine.run(batch, names)
+            for i, out in zip(batch.rows, split_batch(results, batch.input_ids, batch.lengths, unused), strict=True):
+                per_text[i] = out
+        done = [o for o in per_text if o is not None]
+        return gather(done, hidden_size=self.hidden_size, dense=dense, sparse=sparse, colbert=colbert)
 
     # -- FlagEmbedding API ----------------------------------------------------
     def encode(
@@ -284,11 +247,11 @@ class M3Model:
         values out. Texts longer than ``max_length`` tokens (default
         ``passage_max_length``) are truncated, as FlagEmbedding does.
         """
-        texts, single = _as_texts(sentences, "sentences")
-        enc = self._encode(
+        texts, single = as_texts(sentences, "sentences")
+        enc = self.embed(
             texts,
-            batch_size=self.batch_size if batch_size is None else batch_size,
-            max_length=self.passage_max_length if max_length is None else max_length,
+            batch_size=batch_size,
+            max_length=max_length,
             dense=return_dense,
             sparse=return_sparse,
             colbert=return_colbert_vecs,
@@ -314,7 +277,7 @@ class M3Model:
         FlagEmbedding does; BGE-M3 has none.
         """
         if self.query_instruction:
-            texts, single = _as_texts(queries, "queries")
+            texts, single = as_texts(queries, "queries")
             prefixed = [self.query_instruction + q for q in texts]
             queries = prefixed[0] if single else prefixed
         return self.encode(
@@ -352,45 +315,21 @@ class M3Model:
         ``colbert+sparse+dense``: lists of floats, or floats for a single pair.
         ``weights_for_different_modes`` is ``[dense, sparse, colbert]`` (default 1, 1, 1).
         """
-        if SPARSE not in self.outputs:
-            raise ValueError(
+        if not (self.engine.kind.has(SPARSE) and self.engine.kind.has(COLBERT)):
+            raise UnsupportedOutput(
                 f"compute_score needs sparse and ColBERT outputs, and {self.package.root} is a dense-only model: "
                 "score with encode_queries(...)['dense_vecs'] @ encode_corpus(...)['dense_vecs'].T"
             )
         weights = [1.0, 1.0, 1.0] if weights_for_different_modes is None else list(weights_for_different_modes)
-        if len(weights) != 3 or not all(isinstance(w, (int, float)) for w in weights):
-            raise ValueError(f"weights_for_different_modes must be 3 numbers [dense, sparse, colbert], got {weights!r}")
-        if (weights[0] + weights[1]) == 0 or sum(weights) == 0:
-            raise ValueError(f"weights_for_different_modes must not sum to zero, got {weights!r}")
-        single = (
-            isinstance(sentence_pairs, (tuple, list))
-            and len(sentence_pairs) == 2
-            and isinstance(sentence_pairs[0], str)
-        )
-        pairs: list[Any] = [sentence_pairs] if single else list(sentence_pairs)
-        for i, pair in enumerate(pairs):
-            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-                raise TypeError(f"sentence_pairs[{i}] must be a (query, passage) pair, got {pair!r:.80}")
-            for j, text in enumerate(pair):
-                if not isinstance(text, str):
-                    raise TypeError(f"sentence_pairs[{i}][{j}] is {type(text).__name__}, expected str")
-        batch_size = self.batch_size if batch_size is None else self._check_positive(batch_size, "batch_size")
+        scoring.check_mode_weights(weights)
+        pairs, single = as_pairs(sentence_pairs)
+        batch_size = self.batch_size if batch_size is None else check_positive(batch_size, "batch_size")
         q_len = self.query_max_length if max_query_length is None else max_query_length
         p_len = self.passage_max_length if max_passage_length is None else max_passage_length
-        q = self._encode(
-            [x[0] for x in pairs], batch_size=batch_size, max_length=q_len, dense=True, sparse=True, colbert=True
-        )
-        p = self._encode(
-            [x[1] for x in pairs], batch_size=batch_size, max_length=p_len, dense=True, sparse=True, colbert=True
-        )
-        assert q.dense is not None and p.dense is not None and q.lexical is not None and p.lexical is not None
-        assert q.colbert is not None and p.colbert is not None
-        scores = scoring.combine_scores(
-            dense=np.einsum("ij,ij->i", q.dense, p.dense).astype(np.float64),
-            sparse=scoring.paired_lexical_scores(q.lexical, p.lexical),
-            colbert=scoring.paired_colbert_scores(q.colbert, p.colbert, chunk=batch_size),
-            weights=weights,
-        )
+        every = {"dense": True, "sparse": True, "colbert": True}
+        q = self.embed([x[0] for x in pairs], batch_size=batch_size, max_length=q_len, **every)
+        p = self.embed([x[1] for x in pairs], batch_size=batch_size, max_length=p_len, **every)
+        scores = pair_scores(q, p, weights=weights, chunk=batch_size)
         if single:
             return {k: v[0] for k, v in scores.items()}
         return dict(scores)
@@ -416,11 +355,11 @@ class M3Model:
         converted = []
         for i, item in enumerate(items):
             if not isinstance(item, Mapping):
-                raise TypeError(f"lexical_weights[{i}] must be a dict of token id -> weight, got {type(item).__name__}")
+                raise InputTypeError(f"lexical_weights[{i}] must be a dict of token id -> weight, got {type(item).__name__}")
             try:
                 converted.append({self.tokenizer.decode_one(int(k)): w for k, w in item.items()})
             except ValueError:
-                raise ValueError(f"lexical_weights[{i}] has a key that is not a token id: {list(item)[:5]}") from None
+                raise InputError(f"lexical_weights[{i}] has a key that is not a token id: {list(item)[:5]}") from None
         return converted[0] if len(converted) == 1 else converted
 
     def __repr__(self) -> str:

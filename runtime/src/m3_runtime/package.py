@@ -15,11 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .contract import MANIFEST_NAME, FileEntry, Manifest, ManifestError, Variant, VariantInfo
+from .errors import M3Error
 
 _CHUNK = 8 << 20
 
 
-class PackageError(RuntimeError):
+class PackageError(M3Error, RuntimeError):
     """A package file is missing, truncated, tampered with or unreadable."""
 
 

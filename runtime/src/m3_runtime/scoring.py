@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from .errors import InputError, InputTypeError
+
 LexicalWeights = dict[str, float]
 
 
@@ -37,7 +39,7 @@ def lexical_weights(weights: np.ndarray, ids: np.ndarray, unused: frozenset[int]
 
 def _check_weights(item: object, what: str) -> Mapping[str, float]:
     if not isinstance(item, Mapping):
-        raise TypeError(f"{what} must be a dict of token id -> weight, got {type(item).__name__}")
+        raise InputTypeError(f"{what} must be a dict of token id -> weight, got {type(item).__name__}")
     return item
 
 
@@ -67,14 +69,14 @@ def lexical_matching_score(
         if not left or not right:
             return np.zeros((len(left), len(right)), dtype=np.float32)
         return _as_sparse_matrix(left, vocab) @ _as_sparse_matrix(right, vocab).T
-    raise ValueError("lexical weights must be two dicts or two lists of dicts")
+    raise InputError("lexical weights must be two dicts or two lists of dicts")
 
 
 def paired_lexical_scores(left: Sequence[Mapping[str, float]], right: Sequence[Mapping[str, float]]) -> np.ndarray:
     """``lexical_matching_score(left[k], right[k])`` for every k, as one array."""
     n = len(left)
     if n != len(right):
-        raise ValueError(f"{n} left items against {len(right)} right items")
+        raise InputError(f"{n} left items against {len(right)} right items")
     vocab: dict[str, int] = {}
 
     def keys_and_weights(items: Sequence[Mapping[str, float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -97,9 +99,9 @@ def colbert_score(q: np.ndarray, p: np.ndarray) -> float:
     q = np.asarray(q, dtype=np.float32)
     p = np.asarray(p, dtype=np.float32)
     if q.ndim != 2 or p.ndim != 2 or q.shape[1] != p.shape[1]:
-        raise ValueError(f"colbert vectors must be [len, dim] arrays of one dim, got {q.shape} and {p.shape}")
+        raise InputError(f"colbert vectors must be [len, dim] arrays of one dim, got {q.shape} and {p.shape}")
     if len(q) == 0 or len(p) == 0:
-        raise ValueError("colbert vectors must have at least one row each")
+        raise InputError("colbert vectors must have at least one row each")
     return float((q @ p.T).max(axis=1).sum() / len(q))
 
 
@@ -122,6 +124,14 @@ def paired_colbert_scores(queries: Sequence[np.ndarray], passages: Sequence[np.n
                 best = np.maximum(best, 0.0)
             out[k] = float(best.sum()) / len(queries[k])
     return out
+
+
+def check_mode_weights(weights: Sequence[float]) -> None:
+    """``[dense, sparse, colbert]`` weights of ``compute_score``: three numbers, no zero sums."""
+    if len(weights) != 3 or not all(isinstance(w, (int, float)) for w in weights):
+        raise InputError(f"weights_for_different_modes must be 3 numbers [dense, sparse, colbert], got {weights!r}")
+    if (weights[0] + weights[1]) == 0 or sum(weights) == 0:
+        raise InputError(f"weights_for_different_modes must not sum to zero, got {weights!r}")
 
 
 def combine_scores(
