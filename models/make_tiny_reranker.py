@@ -17,7 +17,7 @@ Weights are drawn like tiny-m3's (``init_discriminative``: unit-variance linears
 wide embeddings and biases), then out_proj's weight is scaled by ``OUT_GAIN`` and its
 bias set to centre the report pairs' logits on 0. Measured on the 36 report pairs:
 transformers' default init (std 0.02) gives logits -0.0228..-0.0226 (std 8e-5), blind
-for parity tests; this init gives -4.93..3.02 (std 1.71), sigmoid 0.007..0.953. The
+for parity tests; this init gives -2.47..1.51 (std 0.85), sigmoid 0.078..0.819. The
 script prints that spread.
 
 Run: python models/make_tiny_reranker.py [--out models/tiny-reranker]
@@ -46,7 +46,7 @@ TOKENIZER_FILES = ("tokenizer.json", "sentencepiece.bpe.model", "tokenizer_confi
 HIDDEN = 64
 MAX_POSITIONS = 1026
 SEED = 20261212
-OUT_GAIN = 6.0
+OUT_GAIN = 3.0
 REPORT_QUERIES = ("What is BGE M3?", "什么是大熊猫？", "capital of France", "fox", "", "😀")
 REPORT_PASSAGES = (
     "BGE M3 is an embedding model supporting dense retrieval, lexical matching and multi-vector interaction.",
@@ -87,12 +87,16 @@ def build(out: Path) -> None:
     init_discriminative(model, generator)
     with torch.no_grad():
         # The [CLS] states of different pairs are alike, so a unit-variance out_proj gave
-        # logits with a std of 0.28 across the report's pairs (measured); OUT_GAIN widens that.
+        # logits with a std of 0.28 across the report's pairs (measured); OUT_GAIN widens
+        # that. Not more: FlagReranker's own scores move with the batch composition
+        # (padding) by up to 2.3e-6 at gain 3 and 4.5e-6 at gain 6 (measured on the
+        # goldens' 44 pairs), against the 1e-5 that parity tests allow.
         model.classifier.out_proj.weight.mul_(OUT_GAIN)
         model.classifier.out_proj.bias.fill_(0.0)
-        # Then the bias centres the report pairs' logits on 0 (their mean was +3.93 with
-        # a zero bias), so the sigmoid of FlagReranker's normalize=True is not saturated.
+        # Then the bias centres the report pairs' logits on 0, so the sigmoid of
+        # FlagReranker's normalize=True is not saturated.
         model.classifier.out_proj.bias.fill_(-float(logits_of(model, tokenizer, report_pairs()).mean()))
+        print(f"out_proj bias {float(model.classifier.out_proj.bias):.4f}")
 
     if out.exists():
         shutil.rmtree(out)
