@@ -93,7 +93,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from m3_runtime import M3Model
-    from m3_runtime.server import free_port, wait_until_healthy
+    from m3_runtime.testing import free_port, wait_until_healthy
 
     requests = make_requests(args.requests)
     flat = [t for r in requests for t in r]

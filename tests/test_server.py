@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from m3_runtime import M3Model
-from m3_runtime.server import free_port, wait_until_healthy
+from m3_runtime.testing import free_port, wait_until_healthy
 
 httpx = pytest.importorskip("httpx")  # installed with the test tools
 uvicorn = pytest.importorskip("uvicorn")
@@ -210,14 +210,17 @@ def test_request_timeout_answers_503_and_queued_work_never_runs(package_dir):
     model = M3Model(package_dir, variant="fp32")
     seen: list[list[str]] = []
     encode = model.encode
+    run = model.engine.run
+    decode = model.tokenizer._tok.decode_batch
 
-    def slow_encode(texts, *args, **kwargs):
-        seen.append(list(texts))
+    def slow_run(batch, outputs):  # the scheduler's forward passes go through Engine.run
+        texts = decode(batch.input_ids.tolist(), skip_special_tokens=True)
+        seen.append(texts)
         if "slow" in texts:
             time.sleep(1.5)
-        return encode(texts, *args, **kwargs)
+        return run(batch, outputs)
 
-    model.encode = slow_encode  # type: ignore[method-assign]
+    model.engine.run = slow_run  # type: ignore[method-assign]
     port = free_port()
     config = ServerConfig(max_wait_ms=1, request_timeout_s=0.5)
     srv = uvicorn.Server(uvicorn.Config(create_app(model, config), host="127.0.0.1", port=port, log_level="warning"))

@@ -45,6 +45,28 @@ def plan_batches(
     return batches
 
 
+def take_batch(
+    lengths: Sequence[int], *, batch_size: int, max_tokens: int, pad: bool = True, pad_limit: int | None = None
+) -> int:
+    """How many of ``lengths``, taken in the caller's order, make the next batch (at least one).
+
+    The scheduler's counterpart of ``plan_batches`` for a queue in priority order: the
+    longest prefix with at most ``batch_size`` rows and ``rows x longest <= max_tokens``,
+    of one length only when ``pad`` is off or a text is longer than ``pad_limit``.
+    """
+    if not lengths:
+        return 0
+    first = longest = int(lengths[0])
+    n = 1
+    for length in lengths[1:]:
+        wider = max(longest, int(length))
+        one_length = not pad or (pad_limit is not None and wider > pad_limit)
+        if n >= batch_size or (one_length and length != first) or (n + 1) * wider > max_tokens:
+            break
+        longest, n = wider, n + 1
+    return n
+
+
 def pad_batch(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """(batch, longest) int64 ``input_ids`` and ``attention_mask``, padded on the right."""
     width = max(len(row) for row in ids)

@@ -6,23 +6,26 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import fields
 
 from .contract import SPARSE, VARIANTS
+from .engine import DEFAULT_BATCH_SIZE
+from .errors import InputError, M3Error
 from .package import load_package
 from .session import available_providers, default_cache_dir, default_variant
 
 
-def _model(args: argparse.Namespace):
+def _model(args: argparse.Namespace, **kwargs: object):
     from .model import M3Model
 
-    return M3Model(args.package, variant=args.variant, batch_size=args.batch_size)
+    return M3Model(args.package, variant=args.variant, batch_size=args.batch_size, **kwargs)  # type: ignore[arg-type]
 
 
 def _texts(items: Sequence[str]) -> list[str]:
     if list(items) == ["-"]:
         return [line.rstrip("\n") for line in sys.stdin]
     if not items:
-        raise ValueError("give texts as arguments, or '-' to read one text per line from standard input")
+        raise InputError("give texts as arguments, or '-' to read one text per line from standard input")
     return list(items)
 
 
@@ -31,21 +34,19 @@ def cmd_encode(args: argparse.Namespace) -> None:
     dense, sparse, colbert = args.dense, args.sparse, args.colbert
     model = _model(args)
     if not (dense or sparse or colbert):
-        dense, sparse = True, SPARSE in model.outputs  # dense-only packages have no sparse output
-    out = model.encode(
-        texts, max_length=args.max_length, return_dense=dense, return_sparse=sparse, return_colbert_vecs=colbert
-    )
+        dense, sparse = True, model.engine.kind.has(SPARSE)  # dense-only packages have no sparse output
+    out = model.embed(texts, max_length=args.max_length, dense=dense, sparse=sparse, colbert=colbert)
     for i in range(len(texts)):
         row: dict[str, object] = {"index": i}
-        if dense:
-            row["dense"] = out["dense_vecs"][i].tolist()
-        if sparse:
-            weights = out["lexical_weights"][i]
+        if out.dense is not None:
+            row["dense"] = out.dense[i].tolist()
+        if out.lexical is not None:
+            weights = out.lexical[i]
             row["sparse"] = (
                 {model.tokenizer.decode_one(int(k)): w for k, w in weights.items()} if args.tokens else weights
             )
-        if colbert:
-            row["colbert"] = out["colbert_vecs"][i].tolist()
+        if out.colbert is not None:
+            row["colbert"] = out.colbert[i].tolist()
         print(json.dumps(row, ensure_ascii=False))
 
 
@@ -120,21 +121,42 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from .model import M3Model
     from .server import ServerConfig, serve
 
     if args.request_timeout_s < 0:
-        raise ValueError(f"--request-timeout-s must be >= 0 (0: no limit), got {args.request_timeout_s:g}")
-    model = M3Model(args.package, variant=args.variant, batch_size=args.batch_size)
+        raise InputError(f"--request-timeout-s must be >= 0 (0: no limit), got {args.request_timeout_s:g}")
+    for name in ("workers", "max_queue", "max_texts", "max_chars"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.package is None and args.reranker is None:
+        raise InputError("m3 serve needs an embedding package, --reranker PACKAGE, or both")
+    threads = {"max_batch_tokens": args.max_batch_tokens, "intra_op_threads": args.intra_op_threads}
+    model = None if args.package is None else _model(args, **threads)
+    reranker = None
+    if args.reranker is not None:
+        from .reranker import M3Reranker
+
+        reranker = M3Reranker(args.reranker, variant=args.variant, **threads)  # type: ignore[arg-type]
     config = ServerConfig(
-        max_batch_tokens=args.max_batch_tokens,
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
         max_texts=args.max_texts,
         max_chars=args.max_chars,
         request_timeout_s=args.request_timeout_s or None,
+        workers=args.workers,
     )
-    serve(model, host=args.host, port=args.port, config=config)
+    serve(model, host=args.host, port=args.port, config=config, reranker=reranker)
+
+
+def cmd_rerank(args: argparse.Namespace) -> None:
+    from .reranker import RERANK_MAX_LENGTH, M3Reranker
+
+    reranker = M3Reranker(
+        args.package, variant=args.variant, batch_size=args.batch_size, max_length=args.max_length or RERANK_MAX_LENGTH
+    )
+    for ranked in reranker.rerank(args.query, args.passages, top_n=args.top_n, normalize=args.normalize):
+        passage = args.passages[ranked.index]
+        print(json.dumps({"index": ranked.index, "score": ranked.score, "passage": passage[:80]}, ensure_ascii=False))
 
 
 def cmd_embed_corpus(args: argparse.Namespace) -> None:
@@ -159,13 +181,17 @@ def cmd_embed_corpus(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    from .server import ServerConfig
+
     parser = argparse.ArgumentParser(prog="m3", description="BGE-M3 runtime: dense, sparse and ColBERT outputs.")
+    parser.add_argument("--version", action="version", version=f"m3 (m3-runtime) {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("package", help="model package folder written by m3-export")
+    def common(p: argparse.ArgumentParser, optional: bool = False) -> None:
+        p.add_argument("package", nargs="?" if optional else None, help="model package folder written by m3-export")
         p.add_argument("--variant", choices=VARIANTS, default=None, help="default: picked by provider")
-        p.add_argument("--batch-size", type=int, default=256)
+        p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="most texts per forward pass")
 
     enc = sub.add_parser("encode", help="print one JSON line per text")
     common(enc)
@@ -186,19 +212,43 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--weights", type=_weights, default=None, help="dense,sparse,colbert weights (default 1,1,1)")
     score.set_defaults(func=cmd_score)
 
+    rr = sub.add_parser("rerank", help="score each PASSAGE against QUERY with a reranker package, best first")
+    common(rr)
+    rr.add_argument("query")
+    rr.add_argument("passages", nargs="+")
+    rr.add_argument("--max-length", type=int, default=None, help="tokens per pair (default 512, FlagReranker's)")
+    rr.add_argument("--top-n", type=int, default=None, help="print only the best N")
+    rr.add_argument("--normalize", action="store_true", help="sigmoid of the logit (0..1) instead of the raw logit")
+    rr.set_defaults(func=cmd_rerank)
+
     srv = sub.add_parser("serve", help="HTTP server with dynamic batching (needs m3-runtime[server])")
-    common(srv)
+    common(srv, optional=True)
+    srv.add_argument("--reranker", default=None, help="a reranker package to serve next to (or instead of) PACKAGE")
     srv.add_argument("--host", default="127.0.0.1")
     srv.add_argument("--port", type=int, default=8000)
-    srv.add_argument("--max-batch-tokens", type=int, default=2048, help="tokens gathered into one model call")
-    srv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long the first request waits for company")
-    srv.add_argument("--max-queue", type=int, default=4096, help="texts waiting before requests get 429")
-    srv.add_argument("--max-texts", type=int, default=512, help="texts per request (413 above)")
-    srv.add_argument("--max-chars", type=int, default=200_000, help="characters per text (413 above)")
+    defaults = {f.name: f.default for f in fields(ServerConfig)}
+    srv.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=None,
+        help="padded tokens per forward pass (default: 256 on the CPU, 16384 on GPUs)",
+    )
+    srv.add_argument(
+        "--max-wait-ms", type=float, default=defaults["max_wait_ms"], help="how long a text waits for company"
+    )
+    srv.add_argument(
+        "--max-queue", type=int, default=defaults["max_queue"], help="texts waiting before requests get 429"
+    )
+    srv.add_argument("--max-texts", type=int, default=defaults["max_texts"], help="texts per request (413 above)")
+    srv.add_argument("--max-chars", type=int, default=defaults["max_chars"], help="characters per text (413 above)")
+    srv.add_argument("--workers", type=int, default=defaults["workers"], help="forward passes run at once")
+    srv.add_argument(
+        "--intra-op-threads", type=int, default=0, help="ONNX Runtime threads per forward pass (0: one per core)"
+    )
     srv.add_argument(
         "--request-timeout-s",
         type=float,
-        default=60.0,
+        default=defaults["request_timeout_s"],
         help="seconds before an unanswered request gets 503 (queued: never runs); 0: no limit",
     )
     srv.set_defaults(func=cmd_serve)
@@ -244,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     args = sub.choices[args.command].parse_intermixed_args(argv[argv.index(args.command) + 1 :])
     try:
         args.func(args)
-    except (RuntimeError, ValueError, TypeError, ImportError) as exc:  # PackageError is a RuntimeError
+    except (M3Error, ImportError, OSError) as exc:  # the runtime's deliberate errors; anything else is a bug
         print(f"m3: error: {exc}", file=sys.stderr)
         return 2
     return 0

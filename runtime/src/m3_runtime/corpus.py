@@ -24,13 +24,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import M3Error, RunError
+
 OUTPUT_KINDS = ("dense", "sparse", "colbert")
 INPUT_SUFFIXES = (".parquet", ".jsonl", ".json")
 ROW = "__m3_row"
 FILE = "__m3_file"
 
 
-class CorpusError(ValueError):
+class CorpusError(M3Error, ValueError):
     """Bad corpus input: unreadable file, missing column, bad text (file and row named)."""
 
 
@@ -158,39 +160,31 @@ class Embedder:
 
         job = self.job
         texts = batch[job.text_column].to_pylist()
-        out = self.model.encode(
+        out = self.model.embed(
             texts,
             max_length=self.max_length,
-            return_dense="dense" in job.outputs,
-            return_sparse="sparse" in job.outputs,
-            return_colbert_vecs="colbert" in job.outputs,
+            dense="dense" in job.outputs,
+            sparse="sparse" in job.outputs,
+            colbert="colbert" in job.outputs,
         )
         hidden = self.model.hidden_size
         cols: dict[str, Any] = {
             job.id_column: batch[job.id_column],
             ROW: batch[ROW],
             FILE: batch[FILE],
-            "tokens": pa.array([len(x) for x in self.model.tokenizer.encode(texts, self.max_length)], pa.int32()),
+            "tokens": pa.array(out.tokens, pa.int32()),
         }
-        if out["dense_vecs"] is not None:
-            cols["dense"] = pa.FixedSizeListArray.from_arrays(
-                pa.array(out["dense_vecs"].reshape(-1), pa.float32()), hidden
-            )
-        if out["lexical_weights"] is not None:
-            cols["sparse_indices"] = pa.array(
-                [[int(k) for k in w] for w in out["lexical_weights"]], pa.list_(pa.int32())
-            )
-            cols["sparse_values"] = pa.array([list(w.values()) for w in out["lexical_weights"]], pa.list_(pa.float32()))
-        if out["colbert_vecs"] is not None:
+        if out.dense is not None:
+            cols["dense"] = pa.FixedSizeListArray.from_arrays(pa.array(out.dense.reshape(-1), pa.float32()), hidden)
+        if out.lexical is not None:
+            cols["sparse_indices"] = pa.array([[int(k) for k in w] for w in out.lexical], pa.list_(pa.int32()))
+            cols["sparse_values"] = pa.array([list(w.values()) for w in out.lexical], pa.list_(pa.float32()))
+        if out.colbert is not None:
             dtype = np.float16 if job.colbert_dtype == "float16" else np.float32
             arrow_type = pa.float16() if dtype == np.float16 else pa.float32()
-            flat = (
-                np.concatenate([v.astype(dtype).reshape(-1) for v in out["colbert_vecs"]])
-                if texts
-                else np.zeros(0, dtype)
-            )
+            flat = np.concatenate([v.astype(dtype).reshape(-1) for v in out.colbert]) if texts else np.zeros(0, dtype)
             rows = pa.FixedSizeListArray.from_arrays(pa.array(flat, arrow_type), hidden)
-            offsets = np.concatenate([[0], np.cumsum([len(v) for v in out["colbert_vecs"]])]).astype(np.int32)
+            offsets = np.concatenate([[0], np.cumsum([len(v) for v in out.colbert])]).astype(np.int32)
             cols["colbert"] = pa.ListArray.from_arrays(pa.array(offsets), rows)
         return pa.table(cols)
 
@@ -249,7 +243,7 @@ def embed_corpus(
         result = (pa.concat_tables(parts) if parts else table.drop_columns([job.text_column])).sort_by(ROW)
         ids_in, ids_out = table[job.id_column].to_pylist(), result[job.id_column].to_pylist()
         if ids_in != ids_out:
-            raise RuntimeError(f"{path}: {len(ids_in)} ids in, {len(ids_out)} out, or out of order; not written")
+            raise RunError(f"{path}: {len(ids_in)} ids in, {len(ids_out)} out, or out of order; not written")
         result = result.drop_columns([ROW, FILE])
         head, name = target.rsplit("/", 1)
         partial = f"{head}/.{name}.partial-{os.getpid()}"
@@ -306,7 +300,7 @@ def embed_corpus(
                     write(k, parts.pop(k))
                     del remaining[k]
     if remaining:
-        raise RuntimeError(f"rows missing for {[str(pending[k][0]) for k in remaining]}; those files were not written")
+        raise RunError(f"rows missing for {[str(pending[k][0]) for k in remaining]}; those files were not written")
     summary.seconds = time.perf_counter() - start_all
     say(
         f"summary: {summary.files_done} files embedded, {summary.files_skipped} already done, {summary.rows} rows, "

@@ -58,6 +58,6 @@ def split_batch(
 
 
 def sigmoid(x: np.ndarray | float) -> np.ndarray:
-    """``1 / (1 + exp(-x))`` in float64, as FlagReranker's ``normalize=True`` (without overflow warnings)."""
-    x64 = np.asarray(x, dtype=np.float64)
-    return np.where(x64 >= 0, 1.0 / (1.0 + np.exp(-np.abs(x64))), np.exp(-np.abs(x64)) / (1.0 + np.exp(-np.abs(x64))))
+    """``1 / (1 + exp(-x))`` in float64, FlagReranker's ``normalize=True`` formula as written."""
+    with np.errstate(over="ignore"):  # exp(-x) overflows to inf for x < -709: the score is then 0
+        return 1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))

@@ -59,7 +59,11 @@ def gather(outputs: Sequence[TextOutput], *, hidden_size: int, dense: bool, spar
     return Embeddings(
         tokens=np.array([o.tokens for o in outputs], dtype=np.int64),
         dense=(
-            (np.stack([o.dense for o in outputs if o.dense is not None]) if outputs else np.zeros((0, hidden_size), dtype=np.float32))
+            (
+                np.stack([o.dense for o in outputs if o.dense is not None])
+                if outputs
+                else np.zeros((0, hidden_size), dtype=np.float32)
+            )
             if dense
             else None
         ),
@@ -355,7 +359,9 @@ class M3Model:
         converted = []
         for i, item in enumerate(items):
             if not isinstance(item, Mapping):
-                raise InputTypeError(f"lexical_weights[{i}] must be a dict of token id -> weight, got {type(item).__name__}")
+                raise InputTypeError(
+                    f"lexical_weights[{i}] must be a dict of token id -> weight, got {type(item).__name__}"
+                )
             try:
                 converted.append({self.tokenizer.decode_one(int(k)): w for k, w in item.items()})
             except ValueError:

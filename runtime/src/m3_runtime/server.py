@@ -1,4 +1,4 @@
-"""HTTP server: all three BGE-M3 outputs of one forward pass, with dynamic batching.
+"""HTTP server: routes only. Parse a request, submit it to the scheduler, serialize the answer.
 
 ``m3 serve PACKAGE`` (extra ``m3-runtime[server]``: Starlette + uvicorn). Endpoints:
 
@@ -10,12 +10,21 @@
   as nested lists or base64 float32/float16 (``colbert_format``).
 - ``POST /score``: ``pairs`` of [query, passage], all five scores; ``weights``,
   ``max_query_length``, ``max_passage_length`` as in ``compute_score``.
+- ``POST /rerank`` (text-embeddings-inference's shape): ``query``, ``texts``,
+  ``raw_scores`` (default false: sigmoid), ``return_text``, ``truncate`` -> an array of
+  ``{index, score, text?}``, best first. ``POST /v1/rerank`` (Cohere's shape, also what
+  Jina and infinity accept): ``query``, ``documents`` (str or ``{text}``), ``top_n``,
+  ``return_documents`` -> ``{results: [{index, relevance_score, document?}]}``.
+  Both need a reranker package (``m3 serve [EMBEDDER] --reranker PACKAGE``).
 - ``GET /health`` (200 once loaded and warmed, else 503), ``GET /info``,
   ``GET /metrics`` (Prometheus text).
 
-Errors map to status codes in one place (``_error``): 422 malformed JSON or wrong
-field types (the field is named), 413 too many texts or too long a text, 429 with
-``Retry-After`` when the queue is full, 400 for valid JSON the model refuses.
+Every endpoint's texts go through one ``Scheduler`` (``scheduler.py``). Errors map to
+status codes in one place (``error_response``): 422 malformed JSON or wrong field
+types (the field is named), 413 too many texts or too long a text, 429 with
+``Retry-After`` when the queue is full, 503 when shutting down or past the request
+timeout, 400 for valid JSON the model refuses (any ``M3Error``), 500 for anything
+else (a bug: logged, never the exception text).
 """
 
 from __future__ import annotations
@@ -23,16 +32,23 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from .batcher import Batcher, Options, QueueFull
-from .model import M3Model
+from .contract import COLBERT, DENSE, SCORES, SPARSE
+from .errors import M3Error, Overloaded
+from .heads import sigmoid
+from .model import Embeddings, M3Model, gather, pair_scores
+from .reranker import M3Reranker
+from .scheduler import Histogram, Scheduler
+
+log = logging.getLogger("m3_runtime.server")
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -45,27 +61,46 @@ class RequestError(Exception):
 
 @dataclass
 class ServerConfig:
-    max_batch_tokens: int = 2048
-    max_wait_ms: float = 5.0
-    max_queue: int = 4096
-    max_texts: int = 512
-    max_chars: int = 200_000
-    # A request not answered within this many seconds gets 503: if it is still queued it
-    # never runs, if it is running its slice is discarded. None: no limit.
+    """The server's settings; ``m3 serve``'s option defaults are read from here."""
+
+    max_wait_ms: float = 5.0  # how long the first queued text waits for company
+    max_queue: int = 4096  # texts waiting before requests get 429
+    max_texts: int = 512  # texts per request (413 above)
+    max_chars: int = 200_000  # characters per text (413 above)
+    # A request not answered within this many seconds gets 503: what of it is still
+    # queued never runs, a running pass's result is discarded. None: no limit.
     request_timeout_s: float | None = 60.0
+    workers: int = 1  # forward passes run at once
+
+
+def error_response(exc: BaseException, config: ServerConfig) -> tuple[int, str, dict[str, str]]:
+    """The one map from exceptions to (status, message, headers)."""
+    if isinstance(exc, RequestError):
+        return exc.status, exc.message, exc.headers
+    if isinstance(exc, TimeoutError):
+        return (
+            503,
+            f"request not answered within {config.request_timeout_s:g} s (--request-timeout-s); "
+            "the server is overloaded, try again",
+            {"Retry-After": "1"},
+        )
+    if isinstance(exc, Overloaded):
+        status = 503 if "shutting down" in str(exc) else 429
+        return status, str(exc), {"Retry-After": "1"}
+    if isinstance(exc, M3Error):
+        return 400, str(exc), {}
+    log.exception("internal error", exc_info=exc)
+    return 500, "internal server error", {}
 
 
 @dataclass
 class Metrics:
     requests: dict[tuple[str, int], int] = field(default_factory=dict)
-    latency: dict[str, list[int]] = field(default_factory=dict)
-    latency_sum: dict[str, float] = field(default_factory=dict)
+    latency: dict[str, Histogram] = field(default_factory=dict)
 
     def observe(self, path: str, status: int, seconds: float) -> None:
         self.requests[(path, status)] = self.requests.get((path, status), 0) + 1
-        buckets = self.latency.setdefault(path, [0] * (len(LATENCY_BUCKETS) + 1))
-        buckets[next((i for i, b in enumerate(LATENCY_BUCKETS) if seconds <= b), len(LATENCY_BUCKETS))] += 1
-        self.latency_sum[path] = self.latency_sum.get(path, 0.0) + seconds
+        self.latency.setdefault(path, Histogram(LATENCY_BUCKETS)).observe(seconds)
 
 
 def _field(body: dict, name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
@@ -81,17 +116,17 @@ def _field(body: dict, name: str, kind: type | tuple[type, ...], default: Any = 
     return value
 
 
-def _texts(value: Any, name: str, config: ServerConfig) -> list[str]:
+def _texts(value: Any, name: str, *, max_texts: int, max_chars: int) -> list[str]:
     texts = [value] if isinstance(value, str) else value
     if not isinstance(texts, list):
         raise RequestError(422, f"field '{name}' must be a string or a list of strings")
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise RequestError(422, f"field '{name}[{i}]' must be a string, got {type(text).__name__}")
-        if len(text) > config.max_chars:
-            raise RequestError(413, f"'{name}[{i}]' has {len(text)} characters (limit {config.max_chars})")
-    if len(texts) > config.max_texts:
-        raise RequestError(413, f"'{name}' has {len(texts)} texts (limit {config.max_texts})")
+        if len(text) > max_chars:
+            raise RequestError(413, f"'{name}[{i}]' has {len(text)} characters (limit {max_chars})")
+    if len(texts) > max_texts:
+        raise RequestError(413, f"'{name}' has {len(texts)} texts (limit {max_texts})")
     return texts
 
 
@@ -99,105 +134,112 @@ def _b64(array: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
 
 
-def create_app(model: M3Model, config: ServerConfig | None = None, *, warm: bool = True):
-    from starlette.applications import Starlette
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse, PlainTextResponse, Response
-    from starlette.routing import Route
+class Service:
+    """The state behind the routes: the models, their scheduler, readiness and metrics."""
 
-    config = config or ServerConfig()
-    state: dict[str, Any] = {"ready": False}
-    metrics = Metrics()
-    has_heads = "sparse_weights" in model.outputs
+    def __init__(self, model: M3Model | None, config: ServerConfig, reranker: M3Reranker | None = None) -> None:
+        if model is None and reranker is None:
+            raise ValueError("a server needs an embedding model, a reranker or both")
+        self._model = model
+        self._reranker = reranker
+        self.config = config
+        self.metrics = Metrics()
+        self.ready = False
+        self.scheduler: Scheduler | None = None
+        self.has_heads = model is not None and model.engine.kind.has(SPARSE)
 
-    @asynccontextmanager
-    async def lifespan(_app):
-        batcher = Batcher(
-            model, max_batch_tokens=config.max_batch_tokens, max_wait_ms=config.max_wait_ms, max_queue=config.max_queue
+    @property
+    def model(self) -> M3Model:
+        if self._model is None:
+            raise RequestError(404, "this server holds only a reranker: start it with an embedding package too")
+        return self._model
+
+    @property
+    def reranker(self) -> M3Reranker:
+        if self._reranker is None:
+            raise RequestError(404, "this server has no reranker: start it with --reranker PACKAGE")
+        return self._reranker
+
+    # -- plumbing -------------------------------------------------------------
+    async def start(self, *, warm: bool) -> None:
+        self.scheduler = Scheduler(
+            max_queue=self.config.max_queue, max_wait_ms=self.config.max_wait_ms, workers=self.config.workers
         )
-        batcher.start()
-        state["batcher"] = batcher
-        if warm:
-            await batcher.encode(["warm-up"], Options(max_length=16, dense=True, sparse=has_heads, colbert=has_heads))
-        state["ready"] = True
-        yield
-        state["ready"] = False
-        await batcher.close()  # in-flight and queued requests finish first (SIGTERM drains)
+        self.scheduler.start()
+        if warm and self._model is not None:
+            await self.embed(["warm-up"], max_length=16, dense=True, sparse=self.has_heads, colbert=self.has_heads)
+        if warm and self._reranker is not None:
+            await self.rerank_logits("warm-up", ["warm-up"])
+        self.ready = True
 
-    def endpoint(path: str, handler: Callable) -> Callable:
-        async def wrapped(request: Request) -> Response:
-            start = time.perf_counter()
-            try:
-                if request.method == "POST":
-                    try:
-                        body = json.loads(await request.body())
-                    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                        raise RequestError(422, f"request body is not valid JSON: {exc}") from None
-                    if not isinstance(body, dict):
-                        raise RequestError(422, "request body must be a JSON object")
-                    response = await asyncio.wait_for(handler(body), config.request_timeout_s)
-                else:
-                    response = await handler()
-            except TimeoutError:
-                response = JSONResponse(
-                    {
-                        "error": {
-                            "message": f"request not answered within {config.request_timeout_s:g} s "
-                            "(--request-timeout-s); the server is overloaded, try again",
-                            "code": 503,
-                        }
-                    },
-                    503,
-                    headers={"Retry-After": "1"},
-                )
-            except RequestError as exc:
-                response = JSONResponse(
-                    {"error": {"message": exc.message, "code": exc.status}}, exc.status, headers=exc.headers
-                )
-            except QueueFull as exc:
-                response = JSONResponse(
-                    {"error": {"message": str(exc), "code": 429}}, 429, headers={"Retry-After": "1"}
-                )
-            except (ValueError, TypeError) as exc:
-                response = JSONResponse({"error": {"message": str(exc), "code": 400}}, 400)
-            metrics.observe(path, response.status_code, time.perf_counter() - start)
-            return response
+    async def stop(self) -> None:
+        self.ready = False
+        if self.scheduler is not None:
+            await self.scheduler.close()  # in-flight and queued requests finish first (SIGTERM drains)
 
-        return wrapped
+    async def embed(self, texts: list[str], *, max_length: int, dense: bool, sparse: bool, colbert: bool) -> Embeddings:
+        assert self.scheduler is not None, "the app's lifespan starts the scheduler"
+        names = [n for n, on in ((DENSE, dense), (SPARSE, sparse), (COLBERT, colbert)) if on]
+        if not names:
+            raise RequestError(422, "ask for at least one of 'dense', 'sparse', 'colbert'")
+        engine = self.model.engine
+        engine.check_outputs(names, "ask for dense only")
+        outs = await self.scheduler.encode(engine, texts, max_length=max_length, outputs=names)
+        return gather(outs, hidden_size=self.model.hidden_size, dense=dense, sparse=sparse, colbert=colbert)
 
-    def options(body: dict, *, dense: bool, sparse: bool, colbert: bool) -> Options:
-        max_length = _field(body, "max_length", int, model.passage_max_length)
-        if not 2 <= max_length <= model.max_length:
-            raise RequestError(422, f"field 'max_length' must be in 2..{model.max_length}, got {max_length}")
-        return Options(max_length=max_length, dense=dense, sparse=sparse, colbert=colbert)
+    async def rerank_logits(self, query: str, passages: list[str], *, truncate: bool = True) -> np.ndarray:
+        """Raw logits of (query, passage) pairs through the shared scheduler."""
+        assert self.scheduler is not None, "the app's lifespan starts the scheduler"
+        reranker = self.reranker
+        pairs = [(query, p) for p in passages]
+        if not truncate:
+            limit = reranker.max_length
+            whole = reranker.tokenize(pairs, max_length=reranker.engine.max_length, query_max_length=10**9)
+            for i, ids in enumerate(whole):
+                if len(ids) > limit:
+                    raise RequestError(413, f"pair {i} has {len(ids)} tokens (limit {limit}); send truncate=true")
+        outs = await self.scheduler.submit(reranker.engine, len(pairs), lambda: reranker.tokenize(pairs), [SCORES])
+        return np.array([o.score for o in outs], dtype=np.float32)
 
-    async def embeddings(body: dict) -> Response:
-        texts = _texts(_field(body, "input", (str, list)), "input", config)
+    def max_length(self, body: dict, name: str = "max_length", default: int | None = None) -> int:
+        value = _field(body, name, int, self.model.passage_max_length if default is None else default)
+        if not 2 <= value <= self.model.max_length:
+            raise RequestError(422, f"field '{name}' must be in 2..{self.model.max_length}, got {value}")
+        return value
+
+    def texts(self, body: dict, name: str) -> list[str]:
+        return _texts(
+            _field(body, name, (str, list)), name, max_texts=self.config.max_texts, max_chars=self.config.max_chars
+        )
+
+    # -- routes ---------------------------------------------------------------
+    async def embeddings(self, body: dict) -> dict:
+        texts = self.texts(body, "input")
         fmt = _field(body, "encoding_format", str, "float")
         if fmt not in ("float", "base64"):
             raise RequestError(422, f"field 'encoding_format' must be 'float' or 'base64', got {fmt!r}")
         dims = _field(body, "dimensions", int, None)
-        if dims is not None and dims != model.hidden_size:
+        if dims is not None and dims != self.model.hidden_size:
             raise RequestError(
-                400, f"'dimensions' {dims} is not supported: this model gives {model.hidden_size}-d vectors"
+                400, f"'dimensions' {dims} is not supported: this model gives {self.model.hidden_size}-d vectors"
             )
-        opts = options(body, dense=True, sparse=False, colbert=False)
-        result, tokens = await state["batcher"].encode(texts, opts)
+        name = _field(body, "model", str, self.model.package.manifest.source.get("id", "m3"))
+        out = await self.embed(texts, max_length=self.max_length(body), dense=True, sparse=False, colbert=False)
+        assert out.dense is not None
         data = [
-            {
-                "object": "embedding",
-                "index": i,
-                "embedding": _b64(v.astype(np.float32)) if fmt == "base64" else v.tolist(),
-            }
-            for i, v in enumerate(result["dense_vecs"])
+            {"object": "embedding", "index": i, "embedding": _b64(v) if fmt == "base64" else v.tolist()}
+            for i, v in enumerate(out.dense)
         ]
-        name = _field(body, "model", str, model.package.manifest.source.get("id", "m3"))
-        return JSONResponse(
-            {"object": "list", "data": data, "model": name, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
-        )
+        tokens = int(out.tokens.sum())
+        return {
+            "object": "list",
+            "data": data,
+            "model": name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
 
-    async def encode(body: dict) -> Response:
-        texts = _texts(_field(body, "texts", (str, list)), "texts", config)
+    async def encode(self, body: dict) -> dict:
+        texts = self.texts(body, "texts")
         dense = _field(body, "dense", bool, True)
         sparse = _field(body, "sparse", bool, False)
         colbert = _field(body, "colbert", bool, False)
@@ -209,22 +251,21 @@ def create_app(model: M3Model, config: ServerConfig | None = None, *, warm: bool
             raise RequestError(
                 422, f"field 'colbert_format' must be list, base64-float32 or base64-float16, got {colbert_format!r}"
             )
-        opts = options(body, dense=dense, sparse=sparse, colbert=colbert)
-        result, tokens = await state["batcher"].encode(texts, opts)
+        out = await self.embed(texts, max_length=self.max_length(body), dense=dense, sparse=sparse, colbert=colbert)
         rows: list[dict[str, Any]] = []
         for i in range(len(texts)):
             row: dict[str, Any] = {}
-            if dense:
-                row["dense"] = result["dense_vecs"][i].tolist()
-            if sparse:
-                weights = result["lexical_weights"][i]
+            if out.dense is not None:
+                row["dense"] = out.dense[i].tolist()
+            if out.lexical is not None:
+                weights = out.lexical[i]
                 row["sparse"] = (
                     weights
                     if sparse_format == "dict"
                     else {"indices": [int(k) for k in weights], "values": list(weights.values())}
                 )
-            if colbert:
-                vecs = result["colbert_vecs"][i]
+            if out.colbert is not None:
+                vecs = out.colbert[i]
                 if colbert_format == "list":
                     row["colbert"] = vecs.tolist()
                 else:
@@ -235,10 +276,10 @@ def create_app(model: M3Model, config: ServerConfig | None = None, *, warm: bool
                         "data": _b64(vecs.astype(dtype)),
                     }
             rows.append(row)
-        return JSONResponse({"results": rows, "usage": {"tokens": tokens}})
+        return {"results": rows, "usage": {"tokens": int(out.tokens.sum())}}
 
-    async def score(body: dict) -> Response:
-        if not has_heads:
+    async def score(self, body: dict) -> dict:
+        if not self.has_heads:
             raise RequestError(400, "/score needs sparse and ColBERT outputs; this package is dense-only")
         pairs = _field(body, "pairs", list)
         for i, pair in enumerate(pairs):
@@ -247,109 +288,185 @@ def create_app(model: M3Model, config: ServerConfig | None = None, *, warm: bool
         _texts(
             [t for pair in pairs for t in pair],
             "pairs",
-            ServerConfig(max_texts=2 * config.max_texts, max_chars=config.max_chars),
+            max_texts=2 * self.config.max_texts,
+            max_chars=self.config.max_chars,
         )
+        from .scoring import check_mode_weights
+
         weights = _field(body, "weights", list, None)
-        q_len = _field(body, "max_query_length", int, None)
-        p_len = _field(body, "max_passage_length", int, None)
-        scores = await state["batcher"].run_exclusive(
-            lambda: model.compute_score(
-                [tuple(p) for p in pairs],
-                max_query_length=q_len,
-                max_passage_length=p_len,
-                weights_for_different_modes=weights,
-            )
+        weights = [1.0, 1.0, 1.0] if weights is None else weights
+        check_mode_weights(weights)
+        q_len = self.max_length(body, "max_query_length", self.model.query_max_length)
+        p_len = self.max_length(body, "max_passage_length", self.model.passage_max_length)
+        every = {"dense": True, "sparse": True, "colbert": True}
+        q, p = await asyncio.gather(
+            self.embed([a for a, _ in pairs], max_length=q_len, **every),
+            self.embed([b for _, b in pairs], max_length=p_len, **every),
         )
-        return JSONResponse(scores)
+        return dict(pair_scores(q, p, weights=weights, chunk=self.model.batch_size))
 
-    async def health() -> Response:
-        return JSONResponse({"status": "ok" if state["ready"] else "loading"}, 200 if state["ready"] else 503)
+    async def rerank(self, body: dict) -> list[dict]:
+        query = _field(body, "query", str)
+        texts = self.texts(body, "texts")
+        raw = _field(body, "raw_scores", bool, False)
+        return_text = _field(body, "return_text", bool, False)
+        truncate = _field(body, "truncate", bool, True)
+        logits = await self.rerank_logits(query, texts, truncate=truncate)
+        scores = logits.astype(np.float64) if raw else sigmoid(logits)
+        rows = [{"index": i, "score": float(scores[i])} for i in np.argsort(-scores, kind="stable")]
+        if return_text:
+            for row in rows:
+                row["text"] = texts[row["index"]]
+        return rows
 
-    async def info() -> Response:
-        m = model.package.manifest
-        return JSONResponse(
-            {
-                "model": m.source.get("id"),
-                "kind": m.model_kind,
-                "variant": model.variant,
-                "providers": model.providers,
-                "hidden_size": m.hidden_size,
-                "max_length": m.max_length,
-                "outputs": list(model.outputs),
-                "query_instruction": m.query_instruction,
+    async def cohere_rerank(self, body: dict) -> dict:
+        query = _field(body, "query", str)
+        docs = _field(body, "documents", list)
+        texts = []
+        for i, doc in enumerate(docs):
+            text = doc.get("text") if isinstance(doc, dict) else doc
+            if not isinstance(text, str):
+                raise RequestError(422, f"field 'documents[{i}]' must be a string or an object with a string 'text'")
+            texts.append(text)
+        _texts(texts, "documents", max_texts=self.config.max_texts, max_chars=self.config.max_chars)
+        top_n = _field(body, "top_n", int, None)
+        if top_n is not None and top_n < 1:
+            raise RequestError(422, f"field 'top_n' must be >= 1, got {top_n}")
+        return_documents = _field(body, "return_documents", bool, False)
+        scores = sigmoid(await self.rerank_logits(query, texts))  # relevance in 0..1, as Cohere's
+        results: list[dict[str, Any]] = []
+        for i in np.argsort(-scores, kind="stable")[:top_n]:
+            row: dict[str, Any] = {"index": int(i), "relevance_score": float(scores[i])}
+            if return_documents:
+                row["document"] = {"text": texts[i]}
+            results.append(row)
+        name = _field(body, "model", str, self.reranker.package.manifest.source.get("id", "m3-reranker"))
+        return {"results": results, "model": name, "meta": {"billed_units": {"search_units": 1}}}
+
+    def info(self) -> dict:
+        def describe(m: M3Model | M3Reranker) -> dict:
+            man = m.package.manifest
+            return {
+                "model": man.source.get("id"),
+                "kind": man.model_kind,
+                "variant": m.variant,
+                "providers": m.providers,
+                "hidden_size": man.hidden_size,
+                "max_length": man.max_length,
+                "outputs": list(man.output_names),
+                "query_instruction": man.query_instruction,
             }
-        )
 
-    async def prometheus() -> Response:
-        b = state.get("batcher")
+        out = describe(self._model) if self._model is not None else {}
+        if self._reranker is not None:
+            out["reranker"] = describe(self._reranker)
+        return out
+
+    def prometheus(self) -> str:
         lines = ["# TYPE m3_requests_total counter"]
-        lines += [f'm3_requests_total{{path="{p}",status="{s}"}} {n}' for (p, s), n in sorted(metrics.requests.items())]
+        lines += [
+            f'm3_requests_total{{path="{p}",status="{s}"}} {n}' for (p, s), n in sorted(self.metrics.requests.items())
+        ]
         lines.append("# TYPE m3_request_seconds histogram")
-        for path, counts in sorted(metrics.latency.items()):
-            total = 0
-            for bound, count in zip((*map(str, LATENCY_BUCKETS), "+Inf"), counts, strict=True):
-                total += count
-                lines.append(f'm3_request_seconds_bucket{{path="{path}",le="{bound}"}} {total}')
-            lines.append(f'm3_request_seconds_sum{{path="{path}"}} {metrics.latency_sum[path]:.6f}')
-            lines.append(f'm3_request_seconds_count{{path="{path}"}} {total}')
-        if b is not None:
-            sizes = b.stats.batch_sizes
+        for path, hist in sorted(self.metrics.latency.items()):
+            lines += hist.lines("m3_request_seconds", f'path="{path}"')
+        if self.scheduler is not None:
+            stats = self.scheduler.stats
             lines += [
                 "# TYPE m3_texts_total counter",
-                f"m3_texts_total {b.stats.texts}",
+                f"m3_texts_total {stats.texts}",
                 "# TYPE m3_tokens_total counter",
-                f"m3_tokens_total {b.stats.tokens}",
+                f"m3_tokens_total {stats.tokens}",
                 "# TYPE m3_batches_total counter",
-                f"m3_batches_total {b.stats.batches}",
-                "# TYPE m3_batch_texts_mean gauge",
-                f"m3_batch_texts_mean {np.mean(sizes) if sizes else 0:.3f}",
+                f"m3_batches_total {stats.batches}",
+                "# TYPE m3_batch_texts histogram",
+                *stats.batch_texts.lines("m3_batch_texts"),
                 "# TYPE m3_queue_texts gauge",
-                f"m3_queue_texts {b.queued_texts}",
+                f"m3_queue_texts {self.scheduler.queued_texts}",
             ]
-        return PlainTextResponse("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+        return "\n".join(lines) + "\n"
+
+
+def create_app(
+    model: M3Model | None,
+    config: ServerConfig | None = None,
+    *,
+    warm: bool = True,
+    reranker: M3Reranker | None = None,
+):
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, PlainTextResponse, Response
+    from starlette.routing import Route
+
+    config = config or ServerConfig()
+    service = Service(model, config, reranker)
+
+    @asynccontextmanager
+    async def lifespan(_app):
+        await service.start(warm=warm)
+        yield
+        await service.stop()
+
+    def post(path: str, handler: Callable[[dict], Awaitable[dict | list]]) -> Route:
+        async def route(request: Request) -> Response:
+            start = time.perf_counter()
+            try:
+                try:
+                    body = json.loads(await request.body())
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                    raise RequestError(422, f"request body is not valid JSON: {exc}") from None
+                if not isinstance(body, dict):
+                    raise RequestError(422, "request body must be a JSON object")
+                response: Response = JSONResponse(await asyncio.wait_for(handler(body), config.request_timeout_s))
+            except Exception as exc:
+                status, message, headers = error_response(exc, config)
+                response = JSONResponse({"error": {"message": message, "code": status}}, status, headers=headers)
+            service.metrics.observe(path, response.status_code, time.perf_counter() - start)
+            return response
+
+        return Route(path, route, methods=["POST"])
+
+    def get(path: str, handler: Callable[[], Response]) -> Route:
+        async def route(_request: Request) -> Response:
+            start = time.perf_counter()
+            response = handler()
+            service.metrics.observe(path, response.status_code, time.perf_counter() - start)
+            return response
+
+        return Route(path, route, methods=["GET"])
 
     routes = [
-        Route("/v1/embeddings", endpoint("/v1/embeddings", embeddings), methods=["POST"]),
-        Route("/encode", endpoint("/encode", encode), methods=["POST"]),
-        Route("/score", endpoint("/score", score), methods=["POST"]),
-        Route("/health", endpoint("/health", health), methods=["GET"]),
-        Route("/info", endpoint("/info", info), methods=["GET"]),
-        Route("/metrics", endpoint("/metrics", prometheus), methods=["GET"]),
+        post("/v1/embeddings", service.embeddings),
+        post("/encode", service.encode),
+        post("/score", service.score),
+        post("/rerank", service.rerank),
+        post("/v1/rerank", service.cohere_rerank),
+        get(
+            "/health",
+            lambda: JSONResponse({"status": "ok" if service.ready else "loading"}, 200 if service.ready else 503),
+        ),
+        get("/info", lambda: JSONResponse(service.info())),
+        get("/metrics", lambda: PlainTextResponse(service.prometheus(), media_type="text/plain; version=0.0.4")),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.service = service
+    return app
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on right now (for tests and load tests on loopback)."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_until_healthy(url: str, timeout_s: float = 120) -> None:
-    """Poll ``url/health`` until it answers 200; TimeoutError after ``timeout_s``."""
-    import urllib.error
-    import urllib.request
-
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5) as res:
-                if res.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{url} did not become healthy within {timeout_s:.0f} s")
-
-
-def serve(model: M3Model, *, host: str, port: int, config: ServerConfig) -> None:
+def serve(
+    model: M3Model | None, *, host: str, port: int, config: ServerConfig, reranker: M3Reranker | None = None
+) -> None:
     try:
         import uvicorn
     except ImportError:
         raise ImportError("m3 serve needs the server extra: pip install 'm3-runtime[server]'") from None
     # uvicorn stops accepting on SIGTERM and waits for in-flight requests; the app's
-    # lifespan then drains the batcher's queue before the process exits.
-    uvicorn.run(create_app(model, config), host=host, port=port, log_level="info", timeout_graceful_shutdown=60)
+    # lifespan then drains the scheduler's queue before the process exits.
+    uvicorn.run(
+        create_app(model, config, reranker=reranker),
+        host=host,
+        port=port,
+        log_level="info",
+        timeout_graceful_shutdown=60,
+    )

@@ -1,0 +1,214 @@
+"""Scheduling forward passes across concurrent requests (the server's queue).
+
+Every text of every request is one queue item with its own future, resolved as soon
+as the forward pass that carries it returns: a request is answered when its own
+texts are done, not when a merged call is. Tokenization runs off the event loop.
+Each forward pass is sized by the engine's budget (``Engine.max_batch_tokens``: 256
+tokens on the CPU, 16,384 on GPUs) and filled shortest item first, so a short query
+goes into the next pass ahead of passages; an item queued longer than ``starve_s``
+goes first whatever its length. Items are batched only with items that ask for the
+same outputs (``max_length`` matters only at tokenization). ``workers`` passes run
+at once (a long passage on one, short batches on another). Batching across requests
+is safe because results do not depend on batch companions (tested to 1e-5). An item
+whose request was cancelled (client gone, timeout) before its pass is dropped
+unrun.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .batching import pad_batch, take_batch
+from .engine import Batch, Engine
+from .errors import Overloaded
+from .heads import TextOutput, split_batch
+
+BATCH_TEXT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Histogram:
+    """Fixed Prometheus-style buckets: counts stay a few integers whatever the uptime."""
+
+    def __init__(self, bounds: Sequence[float]) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[next((i for i, b in enumerate(self.bounds) if value <= b), len(self.bounds))] += 1
+        self.sum += value
+
+    def lines(self, name: str, labels: str = "") -> list[str]:
+        """Exposition lines: cumulative ``_bucket``s, ``_sum`` and ``_count``."""
+        sep = "," if labels else ""
+        out, total = [], 0
+        for bound, count in zip((*(f"{b:g}" for b in self.bounds), "+Inf"), self.counts, strict=True):
+            total += count
+            out.append(f'{name}_bucket{{{labels}{sep}le="{bound}"}} {total}')
+        suffix = f"{{{labels}}}" if labels else ""
+        return [*out, f"{name}_sum{suffix} {self.sum:.6f}", f"{name}_count{suffix} {total}"]
+
+
+@dataclass
+class Stats:
+    batches: int = 0
+    texts: int = 0
+    tokens: int = 0
+    batch_texts: Histogram = field(default_factory=lambda: Histogram(BATCH_TEXT_BUCKETS))
+
+
+@dataclass(eq=False)
+class _Item:
+    engine: Engine
+    ids: list[int]
+    outputs: tuple[str, ...]
+    future: asyncio.Future[TextOutput] = field(repr=False)
+    queued_at: float = field(default_factory=time.perf_counter)
+
+
+class Scheduler:
+    """One queue for every engine of a server (an embedder and a reranker share it)."""
+
+    def __init__(
+        self,
+        *,
+        max_queue: int,
+        max_wait_ms: float,
+        starve_s: float = 2.0,
+        workers: int = 1,
+    ) -> None:
+        self.max_queue = max_queue
+        self.max_wait = max_wait_ms / 1000
+        self.starve_s = starve_s
+        self.workers = workers
+        self.pending: list[_Item] = []
+        self.queued_texts = 0  # items waiting, plus texts being tokenized
+        self.stats = Stats()
+        self._wake = asyncio.Event()
+        self._runs = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="m3-run")
+        self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m3-tokenize")
+        self._tasks: list[asyncio.Task] = []
+        self._closing = False
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._worker()) for _ in range(self.workers)]
+
+    def _reserve(self, n: int) -> None:
+        if self._closing:
+            raise Overloaded("server is shutting down")
+        if self.queued_texts + n > self.max_queue:
+            raise Overloaded(f"{self.queued_texts} texts already queued (limit {self.max_queue})")
+        self.queued_texts += n
+
+    async def encode(
+        self, engine: Engine, texts: Sequence[str], *, max_length: int, outputs: Sequence[str]
+    ) -> list[TextOutput]:
+        """Each text's outputs (``outputs``: graph output names), in order."""
+        texts = list(texts)
+        return await self.submit(engine, len(texts), lambda: engine.tokenize(texts, max_length), outputs)
+
+    async def submit(
+        self, engine: Engine, n: int, tokenize: Callable[[], list[list[int]]], outputs: Sequence[str]
+    ) -> list[TextOutput]:
+        """Outputs of the ``n`` inputs that ``tokenize()`` turns into token ids (run off the event loop)."""
+        self._reserve(n)
+        loop = asyncio.get_running_loop()
+        try:
+            ids = await loop.run_in_executor(self._tokenize, tokenize)
+        except BaseException:
+            self.queued_texts -= n
+            raise
+        items = [_Item(engine, x, tuple(outputs), loop.create_future()) for x in ids]
+        self.pending.extend(items)
+        self._wake.set()
+        try:
+            return list(await asyncio.gather(*(item.future for item in items)))
+        finally:
+            for item in items:  # cancelled or failed: what has not run yet never runs
+                if not item.future.done():
+                    item.future.cancel()
+                if item in self.pending:
+                    self.pending.remove(item)
+                    self.queued_texts -= 1
+
+    async def _next(self) -> list[_Item] | None:
+        """The next batch's items, or None once closing with nothing queued."""
+        # Items of cancelled requests have left ``pending`` already (``_submit``'s finally).
+        while not self.pending:
+            if self._closing:
+                return None
+            self._wake.clear()
+            await self._wake.wait()
+        first = min(self.pending, key=lambda i: i.queued_at)
+        deadline = first.queued_at + self.max_wait
+        while time.perf_counter() < deadline and self._tokens(first) < first.engine.max_batch_tokens:
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), max(0.0, deadline - time.perf_counter()))
+            except TimeoutError:
+                break
+        if not self.pending:  # another worker took them while this one waited
+            return []
+        now = time.perf_counter()
+        order = sorted(self.pending, key=lambda i: (now - i.queued_at < self.starve_s, len(i.ids), i.queued_at))
+        top = order[0]
+        engine = top.engine
+        same = [i for i in order if i.engine is engine and i.outputs == top.outputs]
+        n = take_batch(
+            [len(i.ids) for i in same],
+            batch_size=engine.batch_size if engine.rows_cap is None else engine.rows_cap,
+            max_tokens=engine.max_batch_tokens,
+            pad=engine.pad_batches,
+            pad_limit=engine.pad_limit,
+        )
+        taken = same[:n]
+        for item in taken:
+            self.pending.remove(item)
+        self.queued_texts -= len(taken)
+        return taken
+
+    def _tokens(self, like: _Item) -> int:
+        return sum(len(i.ids) for i in self.pending if i.engine is like.engine and i.outputs == like.outputs)
+
+    @staticmethod
+    def _run(items: list[_Item]) -> list[TextOutput]:
+        engine = items[0].engine
+        input_ids, mask = pad_batch([i.ids for i in items], engine.special.pad)
+        batch = Batch(np.arange(len(items)), input_ids, mask)
+        results = engine.run(batch, items[0].outputs)
+        return split_batch(results, input_ids, batch.lengths, engine.special.unused_for_sparse)
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while (items := await self._next()) is not None:
+            if not items:
+                continue
+            try:
+                outs = await loop.run_in_executor(self._runs, self._run, items)
+            except Exception as exc:
+                for item in items:
+                    if not item.future.done():
+                        item.future.set_exception(exc)
+                continue
+            self.stats.batches += 1
+            self.stats.texts += len(items)
+            self.stats.tokens += sum(len(i.ids) for i in items)
+            self.stats.batch_texts.observe(len(items))
+            for item, out in zip(items, outs, strict=True):
+                if not item.future.done():
+                    item.future.set_result(out)
+
+    async def close(self) -> None:
+        """Finish what is queued, then stop."""
+        self._closing = True
+        self._wake.set()
+        await asyncio.gather(*self._tasks)
+        self._runs.shutdown(wait=True)
+        self._tokenize.shutdown(wait=True)
