@@ -36,3 +36,24 @@ def fp32(package_dir: Path):
     from m3_runtime import M3Model
 
     return M3Model(package_dir, variant="fp32")
+
+
+RERANKER_CHECKPOINT = ROOT / "models" / "tiny-reranker"
+RERANKER_GOLDEN = GOLDEN / "reranker"
+
+
+@pytest.fixture(scope="session")
+def reranker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from m3_exporter import export_package
+
+    out = tmp_path_factory.mktemp("pkg") / "tiny-reranker"
+    export_package(str(RERANKER_CHECKPOINT), out, say=lambda _msg: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def reranker_golden() -> dict:
+    """Written by scripts/make_reranker_goldens.py from FlagEmbedding 1.4.2's FlagReranker."""
+    pairs = json.loads((RERANKER_GOLDEN / "pairs.json").read_text(encoding="utf-8"))
+    ref = json.loads((RERANKER_GOLDEN / "reference.json").read_text(encoding="utf-8"))
+    return {**pairs, "ref": ref}

@@ -136,7 +136,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if args.reranker is not None:
         from .reranker import M3Reranker
 
-        reranker = M3Reranker(args.reranker, variant=args.variant, **threads)  # type: ignore[arg-type]
+        reranker = M3Reranker(args.reranker, variant=args.variant, **threads)
     config = ServerConfig(
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
@@ -149,11 +149,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_rerank(args: argparse.Namespace) -> None:
-    from .reranker import RERANK_MAX_LENGTH, M3Reranker
+    from .reranker import M3Reranker
 
-    reranker = M3Reranker(
-        args.package, variant=args.variant, batch_size=args.batch_size, max_length=args.max_length or RERANK_MAX_LENGTH
-    )
+    reranker = M3Reranker(args.package, variant=args.variant, batch_size=args.batch_size, max_length=args.max_length)
     for ranked in reranker.rerank(args.query, args.passages, top_n=args.top_n, normalize=args.normalize):
         passage = args.passages[ranked.index]
         print(json.dumps({"index": ranked.index, "score": ranked.score, "passage": passage[:80]}, ensure_ascii=False))

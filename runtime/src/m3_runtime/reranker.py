@@ -22,6 +22,7 @@ from .engine import Engine, check_positive
 from .errors import InputError, InputTypeError
 from .heads import sigmoid
 from .model import as_pairs
+from .tokenize import format_instruction
 
 # FlagReranker's defaults.
 RERANK_BATCH_SIZE = 128
@@ -43,7 +44,7 @@ class M3Reranker:
     FlagReranker's ``query_instruction_for_rerank``, ``query_instruction_format``,
     ``passage_instruction_for_rerank``, ``passage_instruction_format``, ``batch_size``
     (128), ``query_max_length`` (``None``: ``max_length * 3 // 4``), ``max_length``
-    (512, at most the package's) and ``normalize`` (``False``).
+    (``None``: 512, or the package's maximum if lower) and ``normalize`` (``False``).
     """
 
     def __init__(
@@ -58,7 +59,7 @@ class M3Reranker:
         passage_instruction_format: str = "{}{}",
         batch_size: int = RERANK_BATCH_SIZE,
         query_max_length: int | None = None,
-        max_length: int = RERANK_MAX_LENGTH,
+        max_length: int | None = None,
         normalize: bool = False,
         max_batch_tokens: int | None = None,
         verify: bool = True,
@@ -84,7 +85,8 @@ class M3Reranker:
             raise InputError(
                 f"{self.engine.package.root} is a {self.engine.kind.description}, not a reranker: load it with M3Model"
             )
-        self.max_length = self.engine.check_length(min(max_length, self.engine.max_length), "max_length")
+        default = min(RERANK_MAX_LENGTH, self.engine.max_length)
+        self.max_length = self.engine.check_length(default if max_length is None else max_length, "max_length")
         self.query_max_length = (
             None if query_max_length is None else self.engine.check_length(query_max_length, "query_max_length")
         )
@@ -101,7 +103,10 @@ class M3Reranker:
     def _detailed(self, pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
         (q_ins, q_fmt), (p_ins, p_fmt) = self.query_instruction, self.passage_instruction
         return [
-            (q if q_ins is None else q_fmt.format(q_ins, q), p if p_ins is None else p_fmt.format(p_ins, p))
+            (
+                q if q_ins is None else format_instruction(q_fmt, q_ins, q),
+                p if p_ins is None else format_instruction(p_fmt, p_ins, p),
+            )
             for q, p in pairs
         ]
 

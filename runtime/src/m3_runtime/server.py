@@ -14,7 +14,8 @@
   ``raw_scores`` (default false: sigmoid), ``return_text``, ``truncate`` -> an array of
   ``{index, score, text?}``, best first. ``POST /v1/rerank`` (Cohere's shape, also what
   Jina and infinity accept): ``query``, ``documents`` (str or ``{text}``), ``top_n``,
-  ``return_documents`` -> ``{results: [{index, relevance_score, document?}]}``.
+  ``return_documents`` -> ``{results: [{index, relevance_score, document?}]}``
+  (also at ``/v2/rerank``, where Cohere's v2 client posts).
   Both need a reranker package (``m3 serve [EMBEDDER] --reranker PACKAGE``).
 - ``GET /health`` (200 once loaded and warmed, else 503), ``GET /info``,
   ``GET /metrics`` (Prometheus text).
@@ -313,7 +314,7 @@ class Service:
         truncate = _field(body, "truncate", bool, True)
         logits = await self.rerank_logits(query, texts, truncate=truncate)
         scores = logits.astype(np.float64) if raw else sigmoid(logits)
-        rows = [{"index": i, "score": float(scores[i])} for i in np.argsort(-scores, kind="stable")]
+        rows = [{"index": int(i), "score": float(scores[i])} for i in np.argsort(-scores, kind="stable")]
         if return_text:
             for row in rows:
                 row["text"] = texts[row["index"]]
@@ -442,6 +443,7 @@ def create_app(
         post("/score", service.score),
         post("/rerank", service.rerank),
         post("/v1/rerank", service.cohere_rerank),
+        post("/v2/rerank", service.cohere_rerank),
         get(
             "/health",
             lambda: JSONResponse({"status": "ok" if service.ready else "loading"}, 200 if service.ready else 503),
