@@ -185,3 +185,13 @@ def test_heap_is_released_after_long_passes_only(package_dir, monkeypatch):
     model.encode([long_text])
     assert calls == [1]
     session.release_heap()  # the real one runs (glibc here) without error
+
+
+@pytest.mark.parametrize("variant", ["fp32", "int8"])
+def test_concurrent_runs_equal_one_at_a_time(package_dir, variant):
+    """Several forward passes at once on one session (workers=2, one intra-op thread each)
+    give the same numbers, in input order, as one run at a time."""
+    texts = [f"text {i} " + "word " * (i * 13 % 60) for i in range(40)] + ["long " * 700]
+    one = M3Model(package_dir, variant=variant)
+    two = M3Model(package_dir, variant=variant, workers=2, intra_op_threads=1, max_batch_tokens=64)
+    _assert_same(_encode(one, texts), _encode(two, texts))

@@ -16,7 +16,8 @@ reranker facade and the server's scheduler.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -97,7 +98,9 @@ class Engine:
         cache_dir: str | Path | None = None,
         intra_op_threads: int = 0,
         allow_spinning: bool = False,
+        workers: int = 1,
     ) -> None:
+        self.workers = check_positive(workers, "workers")
         self.package: Package = load_package(package_dir)
         manifest = self.package.manifest
         self.kind: ModelKind = manifest.kind
@@ -151,6 +154,7 @@ class Engine:
         # Runs in flight, so that only the last of concurrent long runs trims the heap.
         self._in_flight = 0
         self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
 
     # -- checks ---------------------------------------------------------------
     def check_length(self, value: object, name: str) -> int:
@@ -220,6 +224,28 @@ class Engine:
             if last and batch.input_ids.size >= RELEASE_AFTER_TOKENS:
                 release_heap()
         return dict(zip(names, results, strict=True))
+
+    def run_all(
+        self, batches: Sequence[Batch], outputs: Sequence[str]
+    ) -> Iterator[tuple[Batch, dict[str, np.ndarray]]]:
+        """``run`` over ``batches``, ``workers`` at a time (one session, called from several threads).
+
+        Yields ``(batch, results)`` in the order of ``batches``. With one worker, or one
+        batch, the runs happen one after another on the calling thread."""
+        if self.workers == 1 or len(batches) < 2:
+            for batch in batches:
+                yield batch, self.run(batch, outputs)
+            return
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="m3-engine")
+        futures = [self._pool.submit(self.run, batch, outputs) for batch in batches]
+        try:
+            for batch, future in zip(batches, futures, strict=True):
+                yield batch, future.result()
+        finally:
+            for future in futures:
+                future.cancel()
 
     def __repr__(self) -> str:
         return f"Engine({str(self.package.root)!r}, variant={self.variant!r}, providers={self.providers})"

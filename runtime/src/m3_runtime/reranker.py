@@ -67,6 +67,7 @@ class M3Reranker:
         cache_dir: str | Path | None = None,
         intra_op_threads: int = 0,
         allow_spinning: bool = False,
+        workers: int = 1,
         engine: Engine | None = None,
     ) -> None:
         self.engine = engine or Engine(
@@ -80,6 +81,7 @@ class M3Reranker:
             cache_dir=cache_dir,
             intra_op_threads=intra_op_threads,
             allow_spinning=allow_spinning,
+            workers=workers,
         )
         if not self.engine.kind.has(SCORES):
             raise InputError(
@@ -123,8 +125,9 @@ class M3Reranker:
     def scores(self, ids: Sequence[Sequence[int]], *, batch_size: int | None = None) -> np.ndarray:
         """Raw logits of tokenized pairs, in input order: ``(n,)`` float32."""
         out = np.zeros(len(ids), dtype=np.float32)
-        for batch in self.engine.plan(ids, batch_size=self.batch_size if batch_size is None else batch_size):
-            out[batch.rows] = self.engine.run(batch, [SCORES])[SCORES]
+        batches = self.engine.plan(ids, batch_size=self.batch_size if batch_size is None else batch_size)
+        for batch, results in self.engine.run_all(batches, [SCORES]):
+            out[batch.rows] = results[SCORES]
         return out
 
     def compute_score(
