@@ -6,7 +6,7 @@ import argparse
 import signal
 import sys
 
-from m3_runtime.contract import DENSE_KIND, M3_KIND, VARIANTS
+from m3_runtime.contract import KINDS, VARIANTS
 
 from .checkpoint import CheckpointError
 from .export import DEFAULT_OPSET, export_package
@@ -26,10 +26,12 @@ def _variants(value: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="m3-export",
-        description="Export a BGE-M3 checkpoint (local folder in the BAAI/bge-m3 layout, or a hub id) to a model "
-        "package: one ONNX graph per variant with dense, sparse and ColBERT outputs, validated against PyTorch.",
+        description="Export a checkpoint (local folder or hub id) to a model package: one ONNX graph per variant, "
+        "validated against PyTorch. BGE-M3 (BAAI/bge-m3 layout: dense, sparse and ColBERT outputs), dense-only "
+        "encoders (dense_vecs) and rerankers (one-label XLM-R/BERT sequence classifiers such as "
+        "BAAI/bge-reranker-v2-m3: scores, the raw logit per (query, passage) pair).",
     )
-    parser.add_argument("src", help="checkpoint folder or hub id (e.g. BAAI/bge-m3)")
+    parser.add_argument("src", help="checkpoint folder or hub id (e.g. BAAI/bge-m3, BAAI/bge-reranker-v2-m3)")
     parser.add_argument("out", help="package folder to write (must be empty or absent unless --force)")
     parser.add_argument(
         "--variants",
@@ -39,15 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default {DEFAULT_OPSET})")
     parser.add_argument(
-        "--max-length", type=int, default=None, help="longest input in tokens (default: the model's, 8192)"
+        "--max-length",
+        type=int,
+        default=None,
+        help="longest input in tokens (default: the registry's, else the model's position table, 8192 for bge-m3)",
     )
     parser.add_argument("--revision", default=None, help="hub revision (hub ids only)")
     parser.add_argument("--no-validate", action="store_true", help="skip the comparison with PyTorch")
     parser.add_argument(
         "--kind",
-        choices=(M3_KIND, DENSE_KIND),
+        choices=tuple(KINDS),
         default=None,
-        help="bge-m3 (three heads) or dense (dense_vecs only); default: the registry's, else detected from the files",
+        help="; ".join(f"{k.name}: {k.description}" for k in KINDS.values())
+        + ". Default: the registry's, else detected from the files (a *ForSequenceClassification is a reranker)",
     )
     parser.add_argument(
         "--pooling", choices=("cls", "mean"), default=None, help="dense models: default from the registry or 1_Pooling"
@@ -82,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if "--list-models" in argv:
         for spec in known_models().values():
             print(
-                f"{spec.hub_id:42} {spec.kind:7} {spec.pooling:5} max {spec.max_length:5}  {','.join(spec.recommended_variants)}"
+                f"{spec.hub_id:42} {spec.kind:8} {spec.pooling:5} max {spec.max_length:5}  {','.join(spec.recommended_variants)}"
             )
         return 0
     args = build_parser().parse_args(argv)

@@ -3,7 +3,8 @@
 The exporter package reaches that folder through the ``registry`` link next to this
 module (a symlink in the repository; a copy in built wheels), so
 ``m3-export BAAI/bge-small-en-v1.5 OUT`` needs no flags: kind, pooling,
-normalisation, query instruction, max length and variants come from the spec.
+normalisation, query instruction, max length and variants come from the spec. A spec's
+``kind`` is one of the contract's ``KINDS`` and its ``outputs`` are that kind's outputs.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from m3_runtime.contract import DENSE_KIND, M3_KIND, VARIANTS
+from m3_runtime.contract import KINDS, VARIANTS
 
 REGISTRY = Path(__file__).resolve().parent / "registry"
 
@@ -31,8 +32,15 @@ class ModelSpec:
     recommended_variants: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        if self.kind not in (M3_KIND, DENSE_KIND):
-            raise ValueError(f"spec {self.hub_id}: kind must be {M3_KIND!r} or {DENSE_KIND!r}, got {self.kind!r}")
+        if self.kind not in KINDS:
+            raise ValueError(
+                f"spec {self.hub_id}: kind must be one of {', '.join(map(repr, KINDS))}, got {self.kind!r}"
+            )
+        if self.outputs != KINDS[self.kind].outputs:
+            raise ValueError(
+                f"spec {self.hub_id}: outputs {list(self.outputs)} are not a {self.kind} model's "
+                f"{list(KINDS[self.kind].outputs)}"
+            )
         if self.pooling not in ("cls", "mean"):
             raise ValueError(f"spec {self.hub_id}: pooling must be 'cls' or 'mean', got {self.pooling!r}")
         bad = [v for v in self.recommended_variants if v not in VARIANTS]
