@@ -1,4 +1,4 @@
-"""The export pipeline: checkpoint -> validated model package."""
+"""The export pipeline: checkpoint -> validated model package (embedders and rerankers)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from m3_runtime.contract import (
     M3_KIND,
     MANIFEST_NAME,
     PROVIDERS_FOR_VARIANT,
+    RERANKER_KIND,
     TOKENIZER_FILE,
     VARIANTS,
     Manifest,
@@ -43,7 +44,7 @@ from .checkpoint import (
 from .fusion import FLASH_MIN_TOKENS
 from .graphs import ExportError
 from .specs import find_spec
-from .texts import VALIDATION_TEXTS, calibration_paragraphs
+from .texts import RERANK_PAIRS, VALIDATION_TEXTS, calibration_pairs, calibration_paragraphs
 
 PRECISION = {
     "fp32": "float32; CPU-fused (MultiHeadAttention with flash path, SkipLayerNorm, BiasGelu)",
@@ -51,6 +52,9 @@ PRECISION = {
     "int8": "int8 MatMuls: per-channel weights, per-token activation scales (batch-invariant); CPU-fused",
 }
 DEFAULT_OPSET = 18
+# Validation inputs are cut here: FlagReranker's default max_length, and where the
+# embedder's long validation text is cut.
+VALIDATION_MAX_LENGTH = 512
 
 
 def _say(message: str) -> None:
@@ -174,6 +178,10 @@ def export_package(
     ``outliers``; 0: every MatMul int8). ``int8_smooth``: SmoothQuant's alpha for the
     int8 variant (see ``int8.smooth``; 0: off, 0.5 is the usual value).
 
+    A reranker (``*ForSequenceClassification`` with one label, or ``kind="reranker"``) is
+    validated on ``texts.RERANK_PAIRS`` tokenised as FlagReranker does (``M3Tokenizer.encode_pairs``)
+    with the score metrics of ``validate``.
+
     Raises ``CheckpointError`` for a bad checkpoint (before any heavy work),
     ``FileExistsError`` for a non-empty ``out`` without ``force``, and ``ExportError``
     when the fp32 graph differs from PyTorch by more than 1e-4.
@@ -216,31 +224,48 @@ def export_package(
         _write_tokenizer(ckpt, work)
         tokenizer = M3Tokenizer(work / TOKENIZER_FILE)
         special = _special_tokens(work, tokenizer)
-        ids = tokenizer.encode(list(VALIDATION_TEXTS), min(max_length, 512))
+        reranker = ckpt.kind == RERANKER_KIND
+        if reranker:
+            ids = tokenizer.encode_pairs(RERANK_PAIRS, max_length=min(max_length, VALIDATION_MAX_LENGTH))
+            groups = validate.query_groups(RERANK_PAIRS)
+
+            def calibration() -> list[list[int]]:
+                return tokenizer.encode_pairs(calibration_pairs(30), max_length=256)
+
+        else:
+            ids = tokenizer.encode(list(VALIDATION_TEXTS), min(max_length, VALIDATION_MAX_LENGTH))
+            groups = []
+
+            def calibration() -> list[list[int]]:
+                return tokenizer.encode(calibration_paragraphs(30) + list(VALIDATION_TEXTS), 128)
+
         fp32 = work / graph_file("fp32")
         reference = _export_from_torch(
-            ckpt, work, variants, ids, special.pad, steps, opset, max_length, validate_variants, outputs
+            ckpt, work, variants, ids, special, steps, opset, max_length, validate_variants, outputs
         )
 
         infos: dict[str, VariantInfo] = {}
-        for variant in ("fp32", "fp16", "int8"):
+        for variant in VARIANTS:  # fp32 first: fp16 and int8 are judged beside it
             # fp32 is always checked: the other variants are made from it or beside it.
             if variant not in variants and variant != "fp32":
                 continue
-            target = work / graph_file(variant)  # type: ignore[arg-type]
+            target = work / graph_file(variant)
             if variant == "int8":
                 with steps("quantizing to int8"):
                     keep, channel_max = _int8_calibration(
-                        fp32, tokenizer, special.pad, int8_fp32_budget, int8_smooth, say
+                        fp32, calibration, special.pad, int8_fp32_budget, int8_smooth, say
                     )
                     graphs.quantize_int8(
                         fp32, target, outputs, tuple(keep), smooth_alpha=int8_smooth, channel_max=channel_max
                     )
             metrics: dict[str, float] = {}
-            if reference is not None:
+            if isinstance(reference, validate.Scores):
+                metrics = validate.compare_scores(reference, validate.onnx_scores(target, ids, special.pad), groups)
+            elif reference is not None:
                 metrics = validate.compare(
                     reference, validate.onnx_outputs(target, ids, special.pad), special.unused_for_sparse
                 )
+            if reference is not None:
                 say(f"      {variant} vs PyTorch: " + ", ".join(f"{k} {v:.3g}" for k, v in metrics.items()))
                 if variant == "fp32" and validate.max_abs(metrics) > validate.FP32_TOLERANCE:
                     raise ExportError(
@@ -250,7 +275,10 @@ def export_package(
                 if metrics["nan"]:
                     raise ExportError(f"{variant} graph produced NaN on the validation texts; not written")
                 if variant == "int8":
-                    real = validate.retrieval_fidelity(fp32, target, tokenizer, special.pad)
+                    if reranker:
+                        real = validate.rerank_fidelity(fp32, target, tokenizer, special.pad)
+                    else:
+                        real = validate.retrieval_fidelity(fp32, target, tokenizer, special.pad)
                     say(
                         f"      {variant} vs fp32 on real English text: "
                         + ", ".join(f"{k} {v:.4g}" for k, v in real.items())
@@ -259,10 +287,10 @@ def export_package(
             if variant not in variants:
                 continue
             infos[variant] = VariantInfo(
-                name=variant,  # type: ignore[arg-type]
+                name=variant,
                 precision=PRECISION[variant],
-                providers=PROVIDERS_FOR_VARIANT[variant],  # type: ignore[index]
-                files=(file_entry(work, target), file_entry(work, work / data_file(variant))),  # type: ignore[arg-type]
+                providers=PROVIDERS_FOR_VARIANT[variant],
+                files=(file_entry(work, target), file_entry(work, work / data_file(variant))),
                 validation=metrics,
                 flash_min_tokens=None if variant == "fp16" else FLASH_MIN_TOKENS,
             )
@@ -308,21 +336,26 @@ def export_package(
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    say(f"wrote {out}: " + ", ".join(f"{v} ({_size(out, v)})" for v in infos))
+    say(f"wrote {out}: " + ", ".join(f"{v} ({_size(info)})" for v, info in infos.items()))
     return manifest
 
 
 def _int8_calibration(
-    fp32: Path, tokenizer: M3Tokenizer, pad_id: int, budget: float, smooth_alpha: float, say: Callable[[str], None]
+    fp32: Path,
+    calibration: Callable[[], list[list[int]]],
+    pad_id: int,
+    budget: float,
+    smooth_alpha: float,
+    say: Callable[[str], None],
 ) -> tuple[list[str], dict | None]:
     """MatMuls to keep in fp32 (outlier budget) and per-channel ``max|x|`` for SmoothQuant,
-    both measured with the fp32 graph on 30 real paragraphs and the built-in texts."""
+    both measured with the fp32 graph on the ``calibration`` token ids (embedders: 30 real
+    paragraphs and the built-in texts; rerankers: 60 pairs of real paragraphs)."""
     if budget <= 0 and smooth_alpha <= 0:
         return [], None
     import onnx
 
-    ids = tokenizer.encode(calibration_paragraphs(30) + list(VALIDATION_TEXTS), 128)
-    stats = outliers.activation_stats(fp32, ids, pad_id)
+    stats = outliers.activation_stats(fp32, calibration(), pad_id)
     keep: list[str] = []
     if budget > 0:
         graph = onnx.load(str(fp32), load_external_data=False)
@@ -345,20 +378,25 @@ def _export_from_torch(
     work: Path,
     variants: Sequence[str],
     ids: list[list[int]],
-    pad_id: int,
+    special: SpecialTokens,
     steps: _Steps,
     opset: int,
     max_length: int,
     run_reference: bool,
     outputs: tuple[str, ...],
-) -> validate.Outputs | None:
+) -> validate.Outputs | validate.Scores | None:
     """The PyTorch part: load, reference outputs, fp32 and fp16 graphs. The model is freed on return."""
     with steps(f"loading {ckpt.source} in PyTorch"):
-        model = load_torch_model(ckpt)
-    reference = None
+        # The separator (eos; BERT's [SEP]) marks where a BERT reranker's second segment starts.
+        model = load_torch_model(ckpt, sep_id=special.eos)
+    reference: validate.Outputs | validate.Scores | None = None
     if run_reference:
-        with steps("running PyTorch on the validation texts"):
-            reference = validate.torch_outputs(model, ids, pad_id)
+        if ckpt.kind == RERANKER_KIND:
+            with steps("running PyTorch on the validation pairs"):
+                reference = validate.torch_scores(model, ids, special.pad)
+        else:
+            with steps("running PyTorch on the validation texts"):
+                reference = validate.torch_outputs(model, ids, special.pad)
     with steps(f"exporting fp32 (opset {opset}, dynamic batch and sequence <= {max_length})"):
         graphs.export_graph(model, work / graph_file("fp32"), opset=opset, max_length=max_length, outputs=outputs)
     with steps("fusing fp32 for CPU (MultiHeadAttention with a flash path, SkipLayerNorm, BiasGelu)"):
@@ -370,9 +408,8 @@ def _export_from_torch(
     return reference
 
 
-def _size(root: Path, variant: str) -> str:
-    total = sum((root / f).stat().st_size for f in (graph_file(variant), data_file(variant)))  # type: ignore[arg-type]
-    return f"{total / 1e6:.1f} MB"
+def _size(info: VariantInfo) -> str:
+    return f"{sum(f.bytes for f in info.files) / 1e6:.1f} MB"
 
 
 __all__ = ["CheckpointError", "ExportError", "export_package"]

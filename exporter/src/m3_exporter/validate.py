@@ -1,12 +1,26 @@
 """Compare an exported graph with the PyTorch model on the same token ids.
 
-Metrics (all against PyTorch fp32, on real tokens only, padding excluded):
+Embedders (all against PyTorch fp32, on real tokens only, padding excluded):
 - ``dense_max_abs``, ``dense_cos_min``, ``dense_cos_mean``
 - ``sparse_max_abs`` (token weights), ``sparse_top10_overlap`` (mean share of each
   text's 10 heaviest lexical ids that the variant also ranks in its top 10)
 - ``colbert_max_abs``, ``colbert_cos_min`` (per row), ``colbert_score_max_abs``
   (ColBERT score of every text pair)
 - ``nan`` (1.0 if any output had a NaN, padded rows included)
+
+Rerankers (``texts.RERANK_PAIRS``: (query, passage) pairs grouped by query, tokenised by the
+runtime's ``M3Tokenizer.encode_pairs`` as FlagReranker does; ``compare_scores``).
+A reranker's user sees two things: the score itself (thresholds, TEI's sigmoid) and the
+order of each query's candidates, so:
+- ``scores_max_abs``: max |logit - fp32 logit|; the fp32 export fails above ``FP32_TOLERANCE``
+- ``scores_sigmoid_max_abs``: the same after the sigmoid (``normalize=True``, TEI's default)
+- ``scores_spearman``: Spearman rank correlation with fp32 over all pairs
+- ``scores_order_agreement``: of every two candidates of one query (fp32 scores not tied),
+  the share the variant orders as fp32 does (Kendall's concordance within queries)
+- ``scores_top1_agreement``: share of queries (2+ candidates) whose best candidate is fp32's
+- ``nan``
+and int8 on real English text (``rerank_fidelity``): the same measures against the fp32
+graph on keyword queries x 8 candidates each (``texts.rerank_set``), prefixed ``real_``.
 """
 
 from __future__ import annotations
@@ -17,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 from m3_runtime.batching import pad_batch
-from m3_runtime.contract import COLBERT, CPU, DENSE, INPUT_NAMES, SPARSE
+from m3_runtime.contract import COLBERT, CPU, DENSE, INPUT_NAMES, SCORES, SPARSE
 from m3_runtime.scoring import colbert_score, lexical_weights
 
 FP32_TOLERANCE = 1e-4
@@ -135,7 +149,159 @@ def compare(ref: Outputs, got: Outputs, unused: frozenset[int]) -> dict[str, flo
 
 
 def max_abs(metrics: dict[str, float]) -> float:
-    return max(metrics.get(k, 0.0) for k in ("dense_max_abs", "sparse_max_abs", "colbert_max_abs"))
+    keys = ("dense_max_abs", "sparse_max_abs", "colbert_max_abs", "scores_max_abs")
+    return max(metrics.get(k, 0.0) for k in keys)
+
+
+# --- rerankers -------------------------------------------------------------------------
+
+
+@dataclass
+class Scores:
+    """One raw logit per pair, in input order."""
+
+    values: np.ndarray
+    nan: bool = False
+
+
+def _collect_scores(ids: Sequence[list[int]], run, pad_id: int) -> Scores:
+    """``run(input_ids, mask) -> scores [batch]`` over length-sorted padded batches."""
+    values = np.zeros(len(ids), np.float32)
+    nan = False
+    for batch in _batches(ids):
+        input_ids, mask = pad_batch([ids[i] for i in batch], pad_id)
+        res = np.asarray(run(input_ids, mask), dtype=np.float32)
+        nan |= bool(np.isnan(res).any())
+        values[batch] = res
+    return Scores(values=values, nan=nan)
+
+
+def torch_scores(model, ids: Sequence[list[int]], pad_id: int) -> Scores:
+    import torch
+
+    def run(input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(input_ids), torch.from_numpy(mask)).float().numpy()
+
+    return _collect_scores(ids, run, pad_id)
+
+
+def onnx_scores(graph: Path, ids: Sequence[list[int]], pad_id: int) -> Scores:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(graph), sess_options=options, providers=[CPU])
+
+    def run(input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return session.run([SCORES], {INPUT_NAMES[0]: input_ids, INPUT_NAMES[1]: mask})[0]
+
+    return _collect_scores(ids, run, pad_id)
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1 in float64, ties given their mean rank (Spearman's convention)."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x), np.float64)
+    ranks[order] = np.arange(len(x), dtype=np.float64)
+    for value in np.unique(x):
+        tied = x == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation; 1.0 when either side is constant and both are (nothing to order)."""
+    ra, rb = _ranks(np.asarray(a, np.float64)), _ranks(np.asarray(b, np.float64))
+    da, db = ra - ra.mean(), rb - rb.mean()
+    den = float(np.sqrt((da * da).sum() * (db * db).sum()))
+    if den == 0:
+        return 1.0 if (da == 0).all() and (db == 0).all() else 0.0
+    return float((da * db).sum() / den)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x.astype(np.float64)))
+
+
+def ranking_agreement(ref: np.ndarray, got: np.ndarray, groups: Sequence[int]) -> tuple[float, float]:
+    """(order agreement, top-1 agreement) of ``got`` with ``ref`` within each group (query):
+    the share of candidate pairs not tied in ``ref`` that ``got`` orders the same way, and
+    the share of groups of 2+ candidates whose ``argmax`` is the same. 1.0 if none."""
+    group_ids = np.asarray(groups)
+    kept = total = top_same = top_total = 0
+    for g in dict.fromkeys(groups):
+        rows = np.flatnonzero(group_ids == g)
+        if len(rows) < 2:
+            continue
+        r, s = ref[rows].astype(np.float64), got[rows].astype(np.float64)
+        dr = np.sign(r[:, None] - r[None, :])
+        ds = np.sign(s[:, None] - s[None, :])
+        upper = np.triu(np.ones_like(dr, dtype=bool), k=1) & (dr != 0)
+        kept += int((dr[upper] == ds[upper]).sum())
+        total += int(upper.sum())
+        top_same += int(np.argmax(r) == np.argmax(s))
+        top_total += 1
+    return (kept / total if total else 1.0), (top_same / top_total if top_total else 1.0)
+
+
+def compare_scores(ref: Scores, got: Scores, groups: Sequence[int], *, prefix: str = "") -> dict[str, float]:
+    """The reranker metrics of the module docstring, ``got`` against ``ref``."""
+    order, top1 = ranking_agreement(ref.values, got.values, groups)
+    metrics = {
+        f"{prefix}scores_max_abs": float(np.abs(ref.values.astype(np.float64) - got.values).max()),
+        f"{prefix}scores_sigmoid_max_abs": float(np.abs(_sigmoid(ref.values) - _sigmoid(got.values)).max()),
+        f"{prefix}scores_spearman": spearman(ref.values, got.values),
+        f"{prefix}scores_order_agreement": order,
+        f"{prefix}scores_top1_agreement": top1,
+    }
+    if not prefix:
+        metrics["nan"] = float(got.nan)
+    return metrics
+
+
+def query_groups(pairs: Sequence[tuple[str, str]]) -> list[int]:
+    """Group number of each pair: consecutive pairs with one query are one group."""
+    groups: list[int] = []
+    for i, (query, _) in enumerate(pairs):
+        same = i > 0 and pairs[i - 1][0] == query
+        groups.append(groups[-1] if same else (groups[-1] + 1 if groups else 0))
+    return groups
+
+
+REAL_RERANK_MAX_LENGTH = 256  # a keyword query and a paragraph of <= 120 words fit whole
+
+
+def rerank_fidelity(
+    base_graph: Path, graph: Path, tokenizer, pad_id: int, *, n_queries: int = 30, candidates: int = 8
+) -> dict[str, float]:
+    """A reranker variant against the fp32 graph on real English text, as a reranking user
+    sees it: ``n_queries`` keyword queries over ``texts.english_paragraphs(240)``, each with
+    its own paragraph and ``candidates - 1`` others (``texts.rerank_set``). Reports the
+    ``compare_scores`` measures prefixed ``real_``, the lowest per-query Spearman
+    (``real_scores_spearman_min``) and the share of queries whose own paragraph fp32 ranks
+    first (``real_target_top1_fp32``: whether the set means anything to this model)."""
+    from .texts import english_paragraphs, rerank_set
+
+    pairs, groups = rerank_set(english_paragraphs(240), n_queries, candidates)
+    ids = tokenizer.encode_pairs(pairs, max_length=REAL_RERANK_MAX_LENGTH)
+    base, got = onnx_scores(base_graph, ids, pad_id), onnx_scores(graph, ids, pad_id)
+    metrics = compare_scores(base, got, groups, prefix="real_")
+    group_ids = np.asarray(groups)
+    per_query = [spearman(base.values[group_ids == g], got.values[group_ids == g]) for g in dict.fromkeys(groups)]
+    metrics["real_scores_spearman_min"] = float(min(per_query))
+    # rerank_set puts each query's own paragraph first among its candidates.
+    firsts = [np.flatnonzero(group_ids == g)[0] for g in dict.fromkeys(groups)]
+    metrics["real_target_top1_fp32"] = float(
+        np.mean(
+            [
+                base.values[f] >= base.values[group_ids == g].max()
+                for f, g in zip(firsts, dict.fromkeys(groups), strict=True)
+            ]
+        )
+    )
+    return metrics
 
 
 def retrieval_fidelity(

@@ -1,4 +1,5 @@
-"""The PyTorch module that is exported: XLM-R backbone plus the dense, sparse and ColBERT heads.
+"""The PyTorch modules that are exported: XLM-R backbone plus the dense, sparse and ColBERT heads
+(``M3Graph``), a dense-only encoder (``DenseGraph``), or a cross-encoder reranker (``RerankerGraph``).
 
 Follows FlagEmbedding's ``EncoderOnlyEmbedderM3Model`` (``normalize_embeddings=True``):
     h       = backbone(input_ids, attention_mask).last_hidden_state    (batch, seq, hidden)
@@ -75,3 +76,34 @@ class DenseGraph(nn.Module):
             mask = attention_mask.unsqueeze(-1).to(h.dtype)
             pooled = (h * mask).sum(1) / torch.clamp(mask.sum(1), min=1e-9)
         return l2_normalize(pooled) if self.normalize else pooled.float()
+
+
+class RerankerGraph(nn.Module):
+    """``(input_ids, attention_mask) -> scores`` float32 ``[batch]``: the raw logit of a
+    one-label ``*ForSequenceClassification`` (``logits.view(-1)``, as FlagReranker's
+    ``compute_score`` with ``normalize=False``), for ``<s> query </s></s> passage </s>``.
+
+    XLM-R has one token type and gets none (FlagReranker's tokenizer sends none). A BERT
+    classifier (``type_vocab_size`` 2) is fed ``[CLS] q [SEP] d [SEP]`` with token types 0
+    up to the first separator and 1 after it, what its tokenizer's ``prepare_for_model``
+    sends, so the graph derives them from ``input_ids``: 1 where a ``sep_id`` came before,
+    0 at padding (the tokenizer's pad type).
+    """
+
+    def __init__(self, classifier: nn.Module, *, sep_id: int | None = None) -> None:
+        super().__init__()
+        self.classifier = classifier
+        self.uses_token_types = getattr(classifier.config, "type_vocab_size", 1) > 1
+        if self.uses_token_types and sep_id is None:
+            raise ValueError("a classifier with token types needs the separator id (sep_id) to derive them")
+        self.sep_id = -1 if sep_id is None else sep_id  # -1: no token id; unused without token types
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        kwargs = {}
+        if self.uses_token_types:
+            sep = torch.eq(input_ids, self.sep_id).to(torch.int64)
+            # Separators strictly before a position: 0 through the first [SEP], 1 after it.
+            before = torch.cumsum(sep, dim=1) - sep
+            kwargs["token_type_ids"] = (before > 0).to(torch.int64) * attention_mask
+        logits = self.classifier(input_ids=input_ids, attention_mask=attention_mask, return_dict=True, **kwargs).logits
+        return logits.view(-1).float()
