@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="SmoothQuant before int8 with this alpha (default 0: off; 0.5 is usual); see the README",
     )
     parser.add_argument("--list-models", action="store_true", help="list the models of the registry and exit")
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"m3-export (m3-exporter) {__version__}")
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     return parser
 
