@@ -121,3 +121,19 @@ def test_cli_rerank_prints_best_first(reranker_dir, rerankers):
     assert [r["index"] for r in rows] == [r.index for r in want]
     np.testing.assert_allclose([r["score"] for r in rows], [r.score for r in want], atol=1e-6)
     assert rows[0]["passage"] == passages[want[0].index]
+
+
+@pytest.mark.parametrize("variant, max_abs, rho", [("fp16", 0.05, 0.99), ("int8", 0.4, 0.95)])
+def test_variants_against_fp32(reranker_dir, rerankers, reranker_golden, variant, max_abs, rho):
+    """Thresholds as at export (tests/test_reranker_export.py): fp16 rounding moves this random
+    model's logits by ~0.01 and int8 by ~0.1, against a spread of ~4; a broken graph moves
+    them by the whole spread and scrambles the order. int8 must also stay batch-invariant."""
+    pairs = [tuple(p) for p in reranker_golden["pairs"]]
+    want = np.array(rerankers({}).compute_score(pairs))
+    model = M3Reranker(reranker_dir, variant=variant)
+    got = np.array(model.compute_score(pairs))
+    assert np.abs(got - want).max() <= max_abs
+    ranks = lambda x: np.argsort(np.argsort(x))  # noqa: E731
+    assert np.corrcoef(ranks(got), ranks(want))[0, 1] >= rho
+    alone = np.array([model.compute_score(p)[0] for p in pairs[:12]])
+    np.testing.assert_allclose(alone, got[:12], atol=1e-5, rtol=0)
