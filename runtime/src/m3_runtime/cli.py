@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
@@ -125,9 +126,12 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     if args.request_timeout_s < 0:
         raise InputError(f"--request-timeout-s must be >= 0 (0: no limit), got {args.request_timeout_s:g}")
-    for name in ("workers", "max_queue", "max_texts", "max_chars"):
+    for name in ("workers", "max_queue", "max_texts", "max_chars", "max_body_bytes", "drain_timeout_s"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("M3_API_KEY")
+    if api_key is not None and not api_key.strip():
+        raise InputError("the API key (--api-key or M3_API_KEY) is empty: give a key, or unset it for no auth")
     if args.package is None and args.reranker is None:
         raise InputError("m3 serve needs an embedding package, --reranker PACKAGE, or both")
     threads = {"max_batch_tokens": args.max_batch_tokens, "intra_op_threads": args.intra_op_threads}
@@ -144,6 +148,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_chars=args.max_chars,
         request_timeout_s=args.request_timeout_s or None,
         workers=args.workers,
+        max_body_bytes=args.max_body_bytes,
+        api_key=api_key.strip() if api_key is not None else None,
+        log_texts=args.log_texts,
+        drain_timeout_s=args.drain_timeout_s,
     )
     serve(model, host=args.host, port=args.port, config=config, reranker=reranker)
 
@@ -247,7 +255,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--request-timeout-s",
         type=float,
         default=defaults["request_timeout_s"],
-        help="seconds before an unanswered request gets 503 (queued: never runs); 0: no limit",
+        help="seconds before an unanswered request gets 503 (queued: never runs) and an unsent body 408; 0: no limit",
+    )
+    srv.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=defaults["max_body_bytes"],
+        help="request bodies over this get 413, refused before they are read "
+        "(default 16 MiB: 512 texts of 8,192 tokens)",
+    )
+    srv.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every endpoint but /health and /openapi.json "
+        "(default: the M3_API_KEY environment variable, which other users cannot read in ps; unset: no auth)",
+    )
+    srv.add_argument(
+        "--log-texts", action="store_true", help="put request texts into the access log (default: counts only)"
+    )
+    srv.add_argument(
+        "--drain-timeout-s",
+        type=int,
+        default=defaults["drain_timeout_s"],
+        help="on SIGTERM, seconds to finish in-flight and queued requests before exiting",
     )
     srv.set_defaults(func=cmd_serve)
 
