@@ -182,8 +182,11 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        if exc_type is not None:
+        self.log.close()
+        if exc_type is not None:  # kept for a look
             print(f"server log ({self.log.name}), last lines:\n{self.log_tail()}", file=sys.stderr)
+        else:
+            os.unlink(self.log.name)
 
 
 def rss_mb(pid: int) -> float:
