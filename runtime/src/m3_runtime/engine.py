@@ -63,6 +63,19 @@ def check_positive(value: object, name: str) -> int:
     return value
 
 
+def check_unicode(text: str, name: str) -> None:
+    """Refuse a str that is not valid Unicode (a lone surrogate cannot be encoded as UTF-8,
+    and the tokenizer would fail on it with an error that names nothing)."""
+    if text.isascii():
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(
+            f"{name} is not valid Unicode: lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start}"
+        ) from None
+
+
 @dataclass(frozen=True)
 class Batch:
     """One forward pass: ``rows[r]`` is the caller's index of row ``r``."""
@@ -187,7 +200,10 @@ class Engine:
     # -- work -----------------------------------------------------------------
     def tokenize(self, texts: Sequence[str], max_length: int) -> list[list[int]]:
         """Token ids per text (``<s> ... </s>``), truncated to ``max_length`` as FlagEmbedding does."""
-        return self.tokenizer.encode(texts, self.check_length(max_length, "max_length"))
+        length = self.check_length(max_length, "max_length")
+        for i, text in enumerate(texts):
+            check_unicode(text, f"texts[{i}]")
+        return self.tokenizer.encode(texts, length)
 
     def plan(self, ids: Sequence[Sequence[int]], *, batch_size: int | None = None) -> list[Batch]:
         """Length-sorted, padded batches under ``batch_size`` rows and the token budget."""

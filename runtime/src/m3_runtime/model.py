@@ -17,7 +17,7 @@ import numpy as np
 
 from . import scoring
 from .contract import COLBERT, DENSE, SPARSE, Variant
-from .engine import DEFAULT_BATCH_SIZE, Engine, check_positive
+from .engine import DEFAULT_BATCH_SIZE, Engine, check_positive, check_unicode
 from .errors import InputError, InputTypeError, UnsupportedOutput
 from .heads import TextOutput, split_batch
 
@@ -51,6 +51,7 @@ def as_texts(sentences: object, name: str) -> tuple[list[str], bool]:
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise InputTypeError(f"{name}[{i}] is {type(text).__name__}, expected str")
+        check_unicode(text, f"{name}[{i}]")
     return texts, False
 
 
@@ -88,6 +89,7 @@ def as_pairs(sentence_pairs: object) -> tuple[list[tuple[str, str]], bool]:
         for j, text in enumerate(pair):
             if not isinstance(text, str):
                 raise InputTypeError(f"sentence_pairs[{i}][{j}] is {type(text).__name__}, expected str")
+            check_unicode(text, f"sentence_pairs[{i}][{j}]")
     return [(str(a), str(b)) for a, b in pairs], single
 
 
@@ -326,6 +328,14 @@ class M3Model:
             raise UnsupportedOutput(
                 f"compute_score needs sparse and ColBERT outputs, and {self.package.root} is a dense-only model: "
                 "score with encode_queries(...)['dense_vecs'] @ encode_corpus(...)['dense_vecs'].T"
+            )
+        if weights_for_different_modes is not None and (
+            isinstance(weights_for_different_modes, (str, bytes, Mapping))
+            or not isinstance(weights_for_different_modes, Iterable)
+        ):
+            raise InputError(
+                "weights_for_different_modes must be 3 numbers [dense, sparse, colbert], "
+                f"got {weights_for_different_modes!r:.80}"
             )
         weights = [1.0, 1.0, 1.0] if weights_for_different_modes is None else list(weights_for_different_modes)
         scoring.check_mode_weights(weights)

@@ -91,7 +91,8 @@ def paired_lexical_scores(left: Sequence[Mapping[str, float]], right: Sequence[M
     width = max(len(vocab), 1)
     # Keys of one dict are unique, so (pair, token) keys are unique on each side.
     _, il, ir = np.intersect1d(pair_l * width + tok_l, pair_r * width + tok_r, assume_unique=True, return_indices=True)
-    return np.bincount(pair_l[il], weights=w_l[il] * w_r[ir], minlength=n)
+    # float64 also when no pair shares a token (bincount of nothing is int64): every score is a float.
+    return np.bincount(pair_l[il], weights=w_l[il] * w_r[ir], minlength=n).astype(np.float64)
 
 
 def colbert_score(q: np.ndarray, p: np.ndarray) -> float:
