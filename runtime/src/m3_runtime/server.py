@@ -418,6 +418,10 @@ def _texts_schema(max_texts: int, max_chars: int, *, single: bool = True) -> dic
 
 
 NUMBERS = {"type": "array", "items": {"type": "number"}}
+# A /score weight. Bounded so that the weighted scores stay finite: with |w| <= 1e6 the
+# smallest non-zero |w0 + w1| is ~1e-10, so a combined score stays below ~1e17 (fuzzing
+# found [1.6e16, 1.8e308, 5e16] giving inf, which JSON cannot carry).
+WEIGHT = {"type": "number", "minimum": -1e6, "maximum": 1e6}
 INT = {"type": "integer"}
 STRING = {"type": "string"}
 BOOL = {"type": "boolean"}
@@ -609,7 +613,7 @@ class Service:
                     ),
                     Field(
                         "weights",
-                        {"type": "array", "prefixItems": [{"type": "number"}] * 3, "items": False, "minItems": 3},
+                        {"type": "array", "prefixItems": [WEIGHT] * 3, "items": False, "minItems": 3},
                         "[dense, sparse, colbert] weights; 400 if dense+sparse or all three sum to zero",
                         [1.0, 1.0, 1.0],
                     ),
@@ -814,7 +818,10 @@ class Service:
         from .scoring import check_mode_weights
 
         weights = args["weights"]
-        check_mode_weights(weights)
+        try:
+            check_mode_weights(weights)
+        except M3Error as exc:
+            raise RequestError(400, f"field 'weights': {exc}") from None
         every = {"dense": True, "sparse": True, "colbert": True}
         q, p = await asyncio.gather(
             self.embed([a for a, _ in pairs], max_length=args["max_query_length"], **every),
