@@ -1,8 +1,18 @@
-"""Shared fixtures: the committed tiny checkpoint exported once per test session."""
+"""Shared fixtures: the committed tiny checkpoints exported once per test session.
+
+``M3_TEST_PACKAGES=DIR`` makes ``package_dir`` and ``reranker_dir`` use packages that
+``m3-export`` already wrote (``DIR/tiny-m3`` from models/tiny-m3, ``DIR/tiny-reranker``
+from models/tiny-reranker) instead of exporting, so the runtime's tests run where only
+the runtime is installed: ``M3_TEST_PACKAGES=DIR pytest -m "not exporter"``
+(scripts/check_wheels.sh does this in a virtualenv without torch).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,15 +21,59 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINT = ROOT / "models" / "tiny-m3"
 GOLDEN = Path(__file__).resolve().parent / "golden"
+RERANKER_CHECKPOINT = ROOT / "models" / "tiny-reranker"
+RERANKER_GOLDEN = GOLDEN / "reranker"
+PACKAGES_ENV = "M3_TEST_PACKAGES"
+
+# These modules import torch or the exporter at module level, so where those are absent
+# they cannot even be collected (every test in them is marked `exporter`).
+if importlib.util.find_spec("torch") is None or importlib.util.find_spec("m3_exporter") is None:
+    collect_ignore = ["test_int8.py", "test_reranker_export.py"]
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _prebuilt(root: str, name: str, checkpoint: Path) -> Path:
+    """``root/name``, checked to be a package exported from ``checkpoint`` as it is now:
+    a stale package would fail the golden tests with numbers, not with this reason."""
+    path = Path(root) / name
+    hint = f"write it with `m3-export {checkpoint} {path}`"
+    try:
+        manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise pytest.UsageError(f"{PACKAGES_ENV}={root}: {path} has no readable manifest.json ({exc}); {hint}") from exc
+    recorded = manifest.get("source", {}).get("weights_sha256", {})
+    stale = (
+        sorted(f for f, sha in recorded.items() if _sha256(checkpoint / f) != sha) if recorded else ["(none recorded)"]
+    )
+    if stale:
+        raise pytest.UsageError(
+            f"{PACKAGES_ENV}={root}: {path} was not exported from {checkpoint} as it is now "
+            f"(weights differ: {', '.join(stale)}); {hint}"
+        )
+    return path
+
+
+def _package(tmp_path_factory: pytest.TempPathFactory, name: str, checkpoint: Path) -> Path:
+    prebuilt = os.environ.get(PACKAGES_ENV)
+    if prebuilt:
+        return _prebuilt(prebuilt, name, checkpoint)
+    from m3_exporter import export_package
+
+    out = tmp_path_factory.mktemp("pkg") / name
+    export_package(str(checkpoint), out, say=lambda _msg: None)
+    return out
 
 
 @pytest.fixture(scope="session")
 def package_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from m3_exporter import export_package
-
-    out = tmp_path_factory.mktemp("pkg") / "tiny-m3"
-    export_package(str(CHECKPOINT), out, say=lambda _msg: None)
-    return out
+    return _package(tmp_path_factory, "tiny-m3", CHECKPOINT)
 
 
 @pytest.fixture(scope="session")
@@ -38,17 +92,9 @@ def fp32(package_dir: Path):
     return M3Model(package_dir, variant="fp32")
 
 
-RERANKER_CHECKPOINT = ROOT / "models" / "tiny-reranker"
-RERANKER_GOLDEN = GOLDEN / "reranker"
-
-
 @pytest.fixture(scope="session")
 def reranker_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from m3_exporter import export_package
-
-    out = tmp_path_factory.mktemp("pkg") / "tiny-reranker"
-    export_package(str(RERANKER_CHECKPOINT), out, say=lambda _msg: None)
-    return out
+    return _package(tmp_path_factory, "tiny-reranker", RERANKER_CHECKPOINT)
 
 
 @pytest.fixture(scope="session")

@@ -53,6 +53,7 @@ def _read_all(out: Path) -> pa.Table:
     return pa.concat_tables([pq.read_table(p) for p in sorted(out.glob("*.parquet"))])
 
 
+@pytest.mark.exporter  # its texts: m3_exporter.texts
 def test_outputs_equal_direct_encode(local_ray, package_dir, corpus, tmp_path):
     root, valid = corpus
     job = CorpusJob(package=str(package_dir), outputs=("dense", "sparse", "colbert"), workers=2, batch_rows=8)
@@ -83,6 +84,7 @@ def test_outputs_equal_direct_encode(local_ray, package_dir, corpus, tmp_path):
     assert (again.files_done, again.files_skipped) == (0, 3)
 
 
+@pytest.mark.exporter  # its texts: m3_exporter.texts
 def test_bad_text_can_fail_the_run_naming_file_and_row(local_ray, package_dir, corpus, tmp_path):
     root, _ = corpus
     job = CorpusJob(package=str(package_dir), on_bad_text="fail")
@@ -96,6 +98,7 @@ def test_missing_column_names_file_and_columns(local_ray, package_dir, tmp_path)
         embed_corpus(CorpusJob(package=str(package_dir)), tmp_path / "x.parquet", tmp_path / "out", say=lambda _m: None)
 
 
+@pytest.mark.exporter  # its texts: m3_exporter.texts
 def test_killed_run_resumes_without_loss_or_duplicates(package_dir, tmp_path):
     root = tmp_path / "in"
     root.mkdir()
@@ -129,6 +132,7 @@ def test_killed_run_resumes_without_loss_or_duplicates(package_dir, tmp_path):
     assert not list(out.glob(".*partial*"))
 
 
+@pytest.mark.exporter  # its texts: m3_exporter.texts
 def test_uris_go_through_pyarrow_filesystems(local_ray, package_dir, corpus, tmp_path):
     """INPUT and OUTPUT as URIs (file:// here; s3:// and others use the same pyarrow code path)."""
     root, valid = corpus

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 from m3_runtime import M3Model
 
+pytestmark = pytest.mark.exporter  # every test exports, most against sentence-transformers
+
 MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
 
 

@@ -241,6 +241,7 @@ def test_graph_with_the_wrong_interface_is_refused(copy):
         M3Model(copy, variant="fp32")
 
 
+@pytest.mark.exporter
 def test_export_refuses_a_file_as_out(tmp_path):
     from m3_exporter import export_package
 

@@ -279,6 +279,7 @@ def test_milvus_rows_from_embed_corpus_parquet(milvus, parquet, parquet_arrays, 
 # -- pymilvus' BGEM3EmbeddingFunction interface ------------------------------------
 
 
+@pytest.mark.exporter  # transformers, pymilvus-model
 def test_embedding_function_returns_what_pymilvus_class_returns(model, package_dir):
     """The reference is pymilvus' own BGEM3EmbeddingFunction, its conversion code run as shipped
     on M3Model (a drop-in for BGEM3FlagModel.encode); only FlagEmbedding's loading is skipped."""

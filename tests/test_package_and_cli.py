@@ -42,6 +42,7 @@ def test_package_round_trip_after_move(package_dir, fp32, tmp_path):
     assert before["lexical_weights"] == after["lexical_weights"]
 
 
+@pytest.mark.exporter
 def test_export_and_runtime_commands_end_to_end(tmp_path, package_dir):
     out = tmp_path / "cli-pkg"
     res = run(str(BIN / "m3-export"), str(CHECKPOINT), str(out), "--variants", "fp32,int8")
@@ -111,6 +112,7 @@ def test_export_and_runtime_commands_end_to_end(tmp_path, package_dir):
     assert not (out / "model.fp32.onnx").exists()
 
 
+@pytest.mark.exporter
 def test_force_replaces_only_a_package(tmp_path):
     from m3_exporter import export_package
 
@@ -122,6 +124,7 @@ def test_force_replaces_only_a_package(tmp_path):
     assert (precious / "thesis.txt").read_text() == "mine"
 
 
+@pytest.mark.exporter
 def test_cli_errors_are_one_line(tmp_path):
     res = run(str(BIN / "m3"), "encode", str(tmp_path / "none"), "x")
     assert res.returncode == 2 and res.stderr.startswith("m3: error:") and "Traceback" not in res.stderr
@@ -147,6 +150,7 @@ def _broken_checkpoint(tmp_path: Path, how: str) -> Path:
     return ckpt
 
 
+@pytest.mark.exporter
 @pytest.mark.parametrize(
     "how, message",
     [
@@ -191,6 +195,7 @@ def test_runtime_distribution_does_not_depend_on_torch():
     assert "torch" not in reqs and "transformers" not in reqs
 
 
+@pytest.mark.exporter
 def test_sigterm_leaves_no_partial_package(tmp_path):
     """A killed export removes its temporary folder and writes nothing at OUT."""
     import signal

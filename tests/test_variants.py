@@ -127,6 +127,7 @@ def test_cpu_variants_are_fused_gpu_variant_is_plain(package_dir):
     assert all(domain == "ai.onnx" for domain, _ in ops("fp16"))
 
 
+@pytest.mark.exporter  # m3_exporter.fusion
 def test_attention_takes_flash_only_over_the_limit(package_dir):
     """The flash branch is taken only for unpadded inputs over FLASH_MIN_TOKENS, and the
     manifest tells the runtime that limit for the fused variants."""
