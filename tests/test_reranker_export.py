@@ -37,6 +37,8 @@ from m3_runtime.tokenize import M3Tokenizer
 from scipy.stats import spearmanr
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+pytestmark = pytest.mark.exporter  # exports with PyTorch
+
 ROOT = Path(__file__).resolve().parents[1]
 RERANKER = ROOT / "models" / "tiny-reranker"
 BIN = Path(sys.executable).parent
