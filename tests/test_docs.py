@@ -364,7 +364,7 @@ def test_shell_commands_parse(capsys):
                     _check_command(prog, parsers[prog], args, where)
                 checked += 1
     capsys.readouterr()  # argparse's usage messages
-    assert checked >= 20, checked
+    assert checked >= 15, checked  # 34 with m3-export, 22 without
 
 
 def test_command_checker_can_fail():
