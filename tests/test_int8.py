@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from m3_exporter.int8 import quantize_per_token
+from m3_exporter.int8 import EMBEDDING_BLOCK, quantize_per_token
 from onnx import TensorProto, helper, numpy_helper
 
 K, N = 48, 40
@@ -146,3 +146,142 @@ def test_both_quantizer_forms_match_numpy():
     y, _, kept = sess.run(None, {"x": x})
     np.testing.assert_allclose(y, _reference(x, w), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(kept, _reference(y, np.eye(N, dtype=np.float32)), rtol=1e-5, atol=1e-5)
+
+
+# -- the word-embedding table in int8 ---------------------------------------------------
+def _rows_reference(table: np.ndarray, ids: np.ndarray, block: int) -> np.ndarray:
+    """Symmetric int8 per ``block`` columns of each row: scale = max|block| / 127, round
+    half to even, dequantized; in float32 as the graph."""
+    rows = table[ids].astype(np.float32)
+    blocks = rows.reshape(*rows.shape[:-1], -1, block)
+    scale = np.abs(blocks).max(axis=-1, keepdims=True) / np.float32(127)
+    scale = np.where(scale == 0, np.float32(1e-30) / np.float32(127), scale)  # an all-zero row stays zero
+    return (np.round(blocks / scale) * scale).reshape(rows.shape)
+
+
+def _embedding_graph(vocab: int, hidden: int, *, tied: bool = False) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
+    """BERT's embeddings in miniature: word rows by input_ids, position rows by computed
+    indices (a bigger table), token types by zeros; with ``tied`` the word table is also
+    read by a MatMul (an output projection), so it must stay float."""
+    rng = np.random.default_rng(11)
+    tables = {
+        "word": rng.standard_normal((vocab, hidden)).astype(np.float32),
+        "pos": rng.standard_normal((vocab * 3, hidden)).astype(np.float32),
+        "type": rng.standard_normal((2, hidden)).astype(np.float32),
+    }
+    tables["word"][1] = 0  # the padding row, as XLM-R's and BERT's checkpoints have it
+    ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])
+    outs = [helper.make_tensor_value_info("emb", TensorProto.FLOAT, None)]
+    nodes = [
+        helper.make_node("Gather", ["word", "input_ids"], ["w"], name="word_gather"),
+        helper.make_node("Shape", ["input_ids"], ["shape"]),
+        helper.make_node(
+            "ConstantOfShape", ["shape"], ["zeros"], value=helper.make_tensor("z", TensorProto.INT64, [1], [0])
+        ),
+        helper.make_node("Add", ["input_ids", "zeros"], ["pos_ids"]),
+        helper.make_node("Gather", ["pos", "pos_ids"], ["p"], name="pos_gather"),
+        helper.make_node("Gather", ["type", "zeros"], ["t"], name="type_gather"),
+        helper.make_node("Add", ["w", "p"], ["wp"]),
+        helper.make_node("Add", ["wp", "t"], ["emb"]),
+    ]
+    if tied:
+        outs.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, None))
+        nodes.append(helper.make_node("MatMul", ["emb", "word_t"], ["logits"]))
+        nodes.append(helper.make_node("Transpose", ["word"], ["word_t"], perm=[1, 0]))
+    inits = [numpy_helper.from_array(v, k) for k, v in tables.items()]
+    graph = helper.make_graph(nodes, "g", [ids], outs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), tables
+
+
+@pytest.mark.parametrize(
+    ("hidden", "block"),
+    [(48, 48), (64, 64), (384, 128)],  # under 128 or not a multiple: one scale per row; 384 (MiniLM): 3 blocks
+)
+def test_embedding_matches_numpy_blockwise_arithmetic(hidden, block):
+    from m3_exporter.int8 import quantize_embedding
+
+    model, tables = _embedding_graph(40, hidden)
+    tables["word"][5, 3] = 40.0  # an outlier channel, as BERT's [CLS]/[SEP] rows have
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(tables["word"], "word"))
+    assert quantize_embedding(model, "input_ids") == (40, hidden)
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert "word" not in inits and "pos" in inits and "type" in inits  # only the word table, the others float
+    assert inits["word_m3_q"].dtype == np.int8 and inits["word_m3_q_scale"].shape == (40, hidden // block)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = np.array([[0, 5, 1, 39, 5, 2], [7, 1, 1, 1, 1, 1]], dtype=np.int64)  # repeats, the zero row, the last id
+    (got,) = sess.run(None, {"input_ids": ids})
+    expect = _rows_reference(tables["word"], ids, block) + tables["pos"][ids] + tables["type"][0]
+    np.testing.assert_allclose(got, expect, rtol=0, atol=1e-6)
+    exact_rows = tables["word"][ids] + tables["pos"][ids] + tables["type"][0]
+    assert 1e-4 < np.abs(got - exact_rows).max() < 0.2  # really quantized, by half a step at most
+    assert not np.isnan(got).any()
+    if block < hidden:  # the outlier coarsens its own block only
+        err = np.abs(got - exact_rows)[0, 1]
+        assert err[block:].max() < 0.1 * err[:block].max()
+    with pytest.raises(Exception, match="out of data bounds"):  # an id past the table fails, as in the float graph
+        sess.run(None, {"input_ids": np.array([[0, 40]], dtype=np.int64)})
+
+
+def test_a_table_read_elsewhere_stays_float():
+    """Tied weights (the table also read by an output projection) would need two copies: left alone."""
+    from m3_exporter.int8 import quantize_embedding
+
+    model, _ = _embedding_graph(40, 16, tied=True)
+    assert quantize_embedding(model, "input_ids") is None
+    assert "word" in {t.name for t in model.graph.initializer}
+
+
+def test_quantize_rows_in_chunks_equals_one_pass():
+    """The exporter quantizes 16,384 rows at a time (bounded temporaries on a 250k x 1024 table)."""
+    from m3_exporter.int8 import quantize_rows
+
+    rng = np.random.default_rng(12)
+    table = rng.standard_normal((40_000, 8)).astype(np.float32) * rng.uniform(0.01, 5, (40_000, 1)).astype(np.float32)
+    table[123] = 0
+    q, scale = quantize_rows(table, 4)
+    assert q.shape == table.shape and scale.shape == (40_000, 2)
+    blocks = table.reshape(-1, 2, 4)
+    ref_scale = np.abs(blocks).max(axis=2) / np.float32(127)
+    live = ref_scale[:, 0] > 0
+    np.testing.assert_array_equal(scale[live], ref_scale[live])
+    ref_q = np.round(blocks[live] / ref_scale[live][..., None]).reshape(-1, 8)
+    np.testing.assert_array_equal(q[live], ref_q)
+    assert np.all(q[123] == 0) and np.abs(q).max() == 127
+    with pytest.raises(ValueError, match="does not divide"):
+        quantize_rows(table, 3)
+
+
+def test_tiny_package_int8_gathers_quantized_word_rows(package_dir):
+    """On the exported tiny package: the int8 graph's embedding lookup equals the NumPy
+    per-row arithmetic on the fp32 graph's table, and no float word table is left."""
+    from m3_runtime.contract import INPUT_NAMES
+
+    fp32 = onnx.load(str(package_dir / "model.fp32.onnx"))
+    gather = next(n for n in fp32.graph.node if n.op_type == "Gather" and n.input[1] == INPUT_NAMES[0])
+    table = numpy_helper.to_array(next(t for t in fp32.graph.initializer if t.name == gather.input[0]))
+    del fp32
+
+    int8 = onnx.load(str(package_dir / "model.int8.onnx"))
+    readers = [n for n in int8.graph.node if INPUT_NAMES[0] in n.input and n.op_type == "Gather"]
+    tables = {t.name: t for t in int8.graph.initializer}
+    assert sorted(tables[n.input[0]].data_type for n in readers) == [
+        TensorProto.FLOAT,
+        TensorProto.INT8,
+    ]  # rows and their scales
+    (node,) = [
+        n for n in int8.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in {r.output[0] for r in readers}
+    ]
+    float_tables = [
+        t.name for t in int8.graph.initializer if t.data_type == TensorProto.FLOAT and list(t.dims) == list(table.shape)
+    ]
+    assert float_tables == [], float_tables
+    int8.graph.output.append(helper.make_tensor_value_info(node.output[0], TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(int8.SerializeToString(), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(13)
+    ids = rng.integers(0, table.shape[0], (3, 11)).astype(np.int64)
+    ids[0, :3] = [0, 1, table.shape[0] - 1]
+    feeds = {INPUT_NAMES[0]: ids, INPUT_NAMES[1]: np.ones_like(ids)}
+    got = sess.run([node.output[0]], feeds)[0]
+    block = EMBEDDING_BLOCK if table.shape[1] % EMBEDDING_BLOCK == 0 else table.shape[1]  # tiny: hidden 64, per row
+    np.testing.assert_allclose(got, _rows_reference(table, ids, block), rtol=0, atol=1e-7)
+    assert np.abs(got - table[ids]).max() > 1e-4  # quantized, not the float rows

@@ -98,12 +98,14 @@ def quantize_int8(
     *,
     smooth_alpha: float = 0.0,
     channel_max: dict | None = None,
+    int8_embeddings: bool = True,
 ) -> int:
     """int8 MatMuls with per-channel weights and per-token activation scales (see ``int8``),
     except the ``exclude``d node names, after SmoothQuant with ``smooth_alpha`` if it is
-    above 0 (``channel_max``: measured per-channel ``max|x|`` of the MatMul inputs).
-    Returns how many MatMuls were quantized."""
-    from .int8 import quantize_per_token, smooth
+    above 0 (``channel_max``: measured per-channel ``max|x|`` of the MatMul inputs), and
+    with ``int8_embeddings`` the word-embedding table in int8 with per-row scales (see
+    ``int8.quantize_embedding``). Returns how many MatMuls were quantized."""
+    from .int8 import quantize_embedding, quantize_per_token, smooth
 
     model = onnx.load(str(fp32_path))
     if smooth_alpha > 0:
@@ -111,6 +113,8 @@ def quantize_int8(
             raise ValueError("smooth_alpha needs the measured channel_max")
         smooth(model, channel_max, smooth_alpha, exclude)
     model, count = quantize_per_token(model, exclude)
+    if int8_embeddings:
+        quantize_embedding(model, INPUT_NAMES[0])
     save_graph(model, path)
     del model
     check_interface(path, outputs)

@@ -17,6 +17,9 @@ token's outlier. ``uint8`` around 128 rather than ``int8``: ONNX Runtime's CPU
 ``MatMulIntegerToFloat`` takes its fast (VNNI/AMX) path for u8 x s8 only; an s8 left
 operand ran 20-30x slower here. The blocked ``QuantizeLinear`` needs opset 21.
 
+The word-embedding table (the ``Gather`` on ``input_ids``: 1 GB of the full-size
+package in float32) is stored in int8 too, one scale per row: ``quantize_embedding``.
+
 Measured (this repo's 2-vCPU box, ONNX Runtime 1.32): all-MiniLM-L6-v2 on real English
 text, dense cosine to fp32 mean 0.9978 / min 0.9939 against 0.9940 / 0.9845 for
 per-run dynamic int8; full-size random BGE-M3, 200-token passages one per call 1,199
@@ -157,6 +160,117 @@ def quantize_per_token(model: onnx.ModelProto, exclude: Iterable[str] = ()) -> t
     if not any(o.domain == MS_DOMAIN for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return model, count
+
+
+_ROWS_PER_CHUNK = 16384  # rows quantized at a time: the float temporaries stay ~64 MB at hidden 1024
+# Columns per embedding scale (when the hidden size is a multiple; else one scale per row).
+# all-MiniLM-L6-v2's [CLS]/[SEP] rows have max/rms 11-13 (vocabulary median 3.1): with one
+# scale per row, the 6-token keyword query most hurt fell to dense cosine 0.9889 against
+# fp32 (0.9939 with a float table) and the keyword queries whose target changed rank rose
+# from 3.75% to 5.0%; blocks of 128 gave 0.9931 and 3.75%, the other 599 texts alike
+# (1 - cosine mean 2.42e-3 / 2.43e-3 / 2.40e-3 per row / 128 / float). Blocks of 64 and 32
+# measured the same as 128 (0.9927, 0.9938); 128 costs 8 scales per XLM-R row, 8 MB.
+EMBEDDING_BLOCK = 128
+
+
+def quantize_rows(table: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per block of ``block`` columns in each row: (int8 [V, H], float32
+    scales [V, H // block]); scale = max|block| / 127, rounding half to even
+    (``np.round``), in float32 like the graph's dequantization."""
+    table = np.asarray(table, dtype=np.float32)
+    rows, hidden = table.shape
+    if block < 1 or hidden % block:
+        raise ValueError(f"block {block} does not divide the hidden size {hidden}")
+    q = np.empty(table.shape, dtype=np.int8)
+    scale = np.empty((rows, hidden // block), dtype=np.float32)
+    for start in range(0, rows, _ROWS_PER_CHUNK):
+        blocks = table[start : start + _ROWS_PER_CHUNK].reshape(-1, hidden // block, block)
+        # an all-zero block (the padding row) gets a tiny scale and stays 0
+        s = np.maximum(np.abs(blocks).max(axis=2), np.float32(1e-30)) / np.float32(127)
+        q[start : start + len(blocks)] = np.clip(np.round(blocks / s[..., None]), -127, 127).reshape(-1, hidden)
+        scale[start : start + len(blocks)] = s
+    return q, scale
+
+
+def embedding_gather(model: onnx.ModelProto, ids_input: str) -> onnx.NodeProto | None:
+    """The largest ``Gather`` of a 2-D float initializer on axis 0 indexed by the graph input
+    ``ids_input`` (the word embeddings: XLM-R's and BERT's alike), if that initializer is
+    read by nothing else; else None. Position and token-type tables are gathered with
+    computed indices, so they are never picked."""
+    graph = model.graph
+    weights = {t.name: t for t in graph.initializer}
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    best, best_size = None, 0
+    for node in graph.node:
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
+            continue
+        table = weights.get(node.input[0])
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if table is None or node.input[1] != ids_input or axis != 0 or len(table.dims) != 2:
+            continue
+        if table.data_type != TensorProto.FLOAT or readers[table.name] != 1:
+            continue
+        size = int(table.dims[0]) * int(table.dims[1])
+        if size > best_size:
+            best, best_size = node, size
+    return best
+
+
+def quantize_embedding(model: onnx.ModelProto, ids_input: str) -> tuple[int, int] | None:
+    """Store the word-embedding table (see ``embedding_gather``) in int8, each row (token
+    id) with its own scales, one per ``EMBEDDING_BLOCK`` columns (one per row when that
+    does not divide the hidden size), in place; returns (rows, hidden) or None if there
+    is no such table.
+
+    ``Gather`` of the int8 rows and of their scales (``[rows, hidden / block]``), then a
+    blocked ``DequantizeLinear`` (opset 21): ``float(q) * scale`` per element, exactly
+    the NumPy arithmetic. XLM-R's table is 250,002 x 1,024: 1,024 MB in float32, 264 MB
+    so (full-size int8 package 1,363 -> 603 MB). ONNX Runtime maps the data file, so
+    untouched rows were never resident either way: peak RSS of 64 queries unchanged
+    (475-478 MB before, 468-469 after, 2-vCPU box; see ``benchmarks/memory_int8.py``). ONNX Runtime's contrib
+    ``GatherBlockQuantized`` (uint8, bits 8) measured the same size, RSS and exact output,
+    but returns zero rows for an out-of-range id where ``Gather`` refuses it, as the float
+    graph does.
+    """
+    node = embedding_gather(model, ids_input)
+    if node is None:
+        return None
+    graph = model.graph
+    proto = next(t for t in graph.initializer if t.name == node.input[0])
+    rows, hidden = int(proto.dims[0]), int(proto.dims[1])
+    block = EMBEDDING_BLOCK if hidden % EMBEDDING_BLOCK == 0 else hidden
+    q, scale = quantize_rows(numpy_helper.to_array(proto), block)
+    name, out = proto.name, node.output[0]
+    p = f"{name}_{_PREFIX}"
+    inits = [numpy_helper.from_array(q, p), numpy_helper.from_array(scale, f"{p}_scale")]
+    del q
+    new_nodes = [
+        helper.make_node("Gather", [p, ids_input], [f"{out}_{_PREFIX}_rows"], name=f"{node.name}_int8"),
+        helper.make_node("Gather", [f"{p}_scale", ids_input], [f"{out}_{_PREFIX}_scale"], name=f"{node.name}_scales"),
+        helper.make_node(
+            "DequantizeLinear",
+            [f"{out}_{_PREFIX}_rows", f"{out}_{_PREFIX}_scale"],
+            [out],
+            name=f"{node.name}_dequantize",
+            axis=-1,
+            block_size=block,
+        ),
+    ]
+    nodes = []
+    for n in graph.node:
+        nodes.extend(new_nodes if list(n.output) == [out] and n.op_type == "Gather" else [n])
+    del graph.node[:]
+    graph.node.extend(nodes)
+    # Deleted by index, not rebuilt: rebuilding the list copies every initializer (2 GB at full size).
+    del graph.initializer[next(i for i, t in enumerate(graph.initializer) if t.name == name)]
+    graph.initializer.extend(inits)
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = max(opset.version, OPSET)
+    return rows, hidden
 
 
 def smooth(
