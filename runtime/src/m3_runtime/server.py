@@ -171,6 +171,56 @@ class Metrics:
         self.latency.setdefault(path, Histogram(LATENCY_BUCKETS)).observe(seconds)
 
 
+class PackageWatch:
+    """Notices a served package's files changing on disk after the load.
+
+    ONNX Runtime memory-maps a graph's external weights (``model.<variant>.onnx.data``)
+    and reads them through the page cache on every forward pass: a file overwritten in
+    place changes what the running session computes (measured: the tiny package's fp32
+    data file overwritten with 0x7f bytes made the next 902-token pass fail in a Gather
+    node with an index from the file). So the session does NOT hold the weights in
+    memory, and the server checks the files' size, modification time and inode (a
+    ``stat``: 1.4 us each here, 6 files a package) before and after each request: from the first change on it
+    answers 503 and /health says so, and a restart verifies the SHA-256 again (a
+    corrupted package then fails to load with PackageError)."""
+
+    def __init__(self, engines: list[Any]) -> None:
+        self.paths = []
+        for engine in engines:
+            package = engine.package
+            entries = package.manifest.tokenizer_files + package.variant(engine.variant).files
+            self.paths += [package.path(e) for e in entries]
+        self.stamps = {path: self._stamp(path) for path in self.paths}
+        self.changed: str | None = None
+
+    @staticmethod
+    def _stamp(path: Any) -> tuple[int, int, int] | None:
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return st.st_size, st.st_mtime_ns, st.st_ino
+
+    def check(self) -> None:
+        """RequestError(503) once any served file differs from what was loaded."""
+        changed = self.poll()
+        if changed is not None:
+            raise RequestError(503, changed)
+
+    def poll(self) -> str | None:
+        """Why the package can no longer be trusted (None: its files are as loaded)."""
+        if self.changed is None:
+            for path in self.paths:
+                if self._stamp(path) != self.stamps[path]:
+                    self.changed = (
+                        f"package file {path} changed on disk while the server runs (its weights are memory-mapped, "
+                        "so answers could come from the changed file): restart the server, which verifies it again"
+                    )
+                    log.error(self.changed)
+                    break
+        return self.changed
+
+
 # -- what one request did, for its access log line --------------------------------------
 @dataclass
 class Note:
@@ -481,6 +531,7 @@ class Service:
         self.scheduler: Scheduler | None = None
         self.has_heads = model is not None and model.engine.kind.has(SPARSE)
         self.endpoints = self._endpoints()
+        self.watch = PackageWatch([m.engine for m in (model, reranker) if m is not None])
 
     @property
     def model(self) -> M3Model:
@@ -973,7 +1024,10 @@ class Service:
                         "415": error("a Content-Type other than application/json"),
                         "422": error("not JSON, not an object, or a field of the wrong type or value (named)"),
                         "429": error("the queue is full", headers=retry),
-                        "503": error("shutting down, or not answered within the request timeout", headers=retry),
+                        "503": error(
+                            "shutting down, not answered within the request timeout (both with Retry-After), "
+                            "or a package file changed on disk since the load"
+                        ),
                     }
                 )
                 body = {"required": True, "content": {"application/json": {"schema": endpoint.request_schema()}}}
@@ -996,7 +1050,17 @@ class Service:
             "/health": (
                 "200 once loaded and warmed up; open without the API key",
                 _obj({"status": {"enum": ["ok", "loading"]}}),
-                {"503": {**ok(_obj({"status": {"const": "loading"}})), "description": "loading or shutting down"}},
+                {
+                    "503": {
+                        **ok(
+                            _obj(
+                                {"status": {"enum": ["loading", "package-changed"]}, "message": STRING},
+                                required=("status",),
+                            )
+                        ),
+                        "description": "loading, shutting down, or a package file changed on disk since the load",
+                    }
+                },
                 False,
             ),
             "/info": ("the packages served", INFO_SCHEMA, {}, True),
@@ -1070,11 +1134,12 @@ class Gateway:
         request_id = sent if sent is not None and _REQUEST_ID.fullmatch(sent) else uuid.uuid4().hex
         note = Note(request_id)
         status = 500
+        started = False
 
         async def send_with_id(message: dict) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", request_id.encode())]}
             await send(message)
 
@@ -1092,7 +1157,15 @@ class Gateway:
                     send_with_id, 401, _error_body(401, refused), {"WWW-Authenticate": 'Bearer realm="m3"'}
                 )
             else:
-                await self.app(scope, receive, send_with_id)
+                try:
+                    await self.app(scope, receive, send_with_id)
+                except asyncio.CancelledError:
+                    # uvicorn cancels the requests still running when the drain timeout
+                    # passes; without this their clients would read a bare 500.
+                    if started:
+                        raise
+                    note.error = f"server shut down before the answer (drain timeout {config.drain_timeout_s} s)"
+                    await _send_json(send_with_id, 503, _error_body(503, note.error), {"Connection": "close"})
         finally:
             _NOTE.reset(token)
             seconds = time.perf_counter() - start
@@ -1256,9 +1329,14 @@ def create_app(
                 body = _parse_json(raw)
                 if not isinstance(body, dict):
                     raise RequestError(422, f"request body must be a JSON object, got {_show(body)}")
-                return JSONResponse(await _answer(handler, body, request.receive, config.request_timeout_s))
+                service.watch.check()
+                answer = await _answer(handler, body, request.receive, config.request_timeout_s)
+                service.watch.check()  # a file changed while this request ran: its numbers may be wrong
+                return JSONResponse(answer)
             except Exception as exc:
-                return failure(exc)
+                # A pass that failed on weights changed under it: say so, not 400 or 500.
+                changed = service.watch.poll()
+                return failure(exc if changed is None else RequestError(503, changed))
 
         return Route(path, route, methods=["POST"])
 
@@ -1267,6 +1345,13 @@ def create_app(
             return handler()
 
         return Route(path, route, methods=["GET"])
+
+    def health() -> Response:
+        try:
+            service.watch.check()
+        except RequestError as exc:
+            return JSONResponse({"status": "package-changed", "message": exc.message}, 503)
+        return JSONResponse({"status": "ok" if service.ready else "loading"}, 200 if service.ready else 503)
 
     spec: dict[str, Any] = {}
 
@@ -1282,10 +1367,7 @@ def create_app(
         post("/rerank", service.rerank),
         post("/v1/rerank", service.cohere_rerank),
         post("/v2/rerank", service.cohere_rerank),
-        get(
-            "/health",
-            lambda: JSONResponse({"status": "ok" if service.ready else "loading"}, 200 if service.ready else 503),
-        ),
+        get("/health", health),
         get("/info", lambda: JSONResponse(service.info())),
         get("/metrics", lambda: PlainTextResponse(service.prometheus(), media_type="text/plain; version=0.0.4")),
         get("/openapi.json", openapi),
