@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 bash scripts/install.sh --dev
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
-.venv/bin/mypy runtime/src
+.venv/bin/mypy runtime/src exporter/src
 .venv/bin/python -m pytest "$@"

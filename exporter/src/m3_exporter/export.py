@@ -49,7 +49,10 @@ from .texts import RERANK_PAIRS, VALIDATION_TEXTS, calibration_pairs, calibratio
 PRECISION = {
     "fp32": "float32; CPU-fused (MultiHeadAttention with flash path, SkipLayerNorm, BiasGelu)",
     "fp16": "float16 (normalisation in float32); unfused, for TensorRT/CUDA",
-    "int8": "int8 MatMuls: per-channel weights, per-token activation scales (batch-invariant); CPU-fused",
+    "int8": (
+        "int8 MatMuls: per-channel weights, per-token activation scales (batch-invariant); "
+        "int8 word embeddings (per-row scales, blocks of 128); CPU-fused"
+    ),
 }
 DEFAULT_OPSET = 18
 # Validation inputs are cut here: FlagReranker's default max_length, and where the

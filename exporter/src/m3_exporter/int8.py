@@ -64,7 +64,7 @@ def quantize_per_token(model: onnx.ModelProto, exclude: Iterable[str] = ()) -> t
     graph = model.graph
     weights = {t.name: t for t in graph.initializer}
     skip = set(exclude)
-    consts = {
+    consts: dict[str, np.ndarray] = {
         "inv127": np.array(1 / 127, np.float32),
         "tiny": np.array(1e-30, np.float32),
         "one": np.array(1.0, np.float32),
@@ -259,7 +259,7 @@ def quantize_embedding(model: onnx.ModelProto, ids_input: str) -> tuple[int, int
             block_size=block,
         ),
     ]
-    nodes = []
+    nodes: list[onnx.NodeProto] = []
     for n in graph.node:
         nodes.extend(new_nodes if list(n.output) == [out] and n.op_type == "Gather" else [n])
     del graph.node[:]
