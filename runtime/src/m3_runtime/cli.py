@@ -13,6 +13,7 @@ from .contract import SPARSE, VARIANTS
 from .engine import DEFAULT_BATCH_SIZE
 from .errors import InputError, M3Error
 from .package import load_package
+from .reranker import RERANK_BATCH_SIZE
 from .session import available_providers, default_cache_dir, default_variant
 
 
@@ -220,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     rr = sub.add_parser("rerank", help="score each PASSAGE against QUERY with a reranker package, best first")
     common(rr)
+    rr.set_defaults(batch_size=RERANK_BATCH_SIZE)  # FlagReranker's default, not the embedder's
     rr.add_argument("query")
     rr.add_argument("passages", nargs="+")
     rr.add_argument("--max-length", type=int, default=None, help="tokens per pair (default 512, FlagReranker's)")

@@ -148,9 +148,11 @@ class M3Reranker:
         return [float(x) for x in (sigmoid(logits) if norm else logits.astype(np.float64))]
 
     def rerank(
-        self, query: str, passages: Sequence[str], *, top_n: int | None = None, normalize: bool = False
+        self, query: str, passages: Sequence[str], *, top_n: int | None = None, normalize: bool | None = None
     ) -> list[Ranked]:
-        """Passages' indices and scores, best first (ties keep input order); ``top_n`` keeps the first n."""
+        """Passages' indices and scores, best first (ties keep input order); ``top_n`` keeps the first n.
+
+        ``normalize``: sigmoid of the logits; ``None`` takes the constructor's setting."""
         if not isinstance(query, str):
             raise InputTypeError(f"query must be a str, got {type(query).__name__}")
         if isinstance(passages, str) or not isinstance(passages, Sequence):

@@ -27,6 +27,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from .errors import InputError
+
 # transformers' ``clean_up_tokenization`` (applied by decode when the tokenizer config
 # sets ``clean_up_tokenization_spaces``).
 _CLEANUPS = (
@@ -56,7 +58,7 @@ def format_instruction(instruction_format: str, instruction: str | None, text: s
     try:
         return instruction_format.format(instruction, text)
     except (IndexError, KeyError, ValueError) as exc:
-        raise ValueError(f"instruction format {instruction_format!r} needs two {{}} fields: {exc}") from None
+        raise InputError(f"instruction format {instruction_format!r} needs two {{}} fields: {exc}") from None
 
 
 class M3Tokenizer:
