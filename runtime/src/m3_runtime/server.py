@@ -1318,10 +1318,15 @@ def create_app(
     def post(path: str, handler: Callable[[dict], Awaitable[dict | list]]) -> Route:
         async def route(request: Request) -> Response:
             try:
+                # Only JSON (or no Content-Type). Form and text/plain bodies are what a browser
+                # may POST cross-site without a CORS preflight; refusing them keeps a web page
+                # from driving a loopback server with no API key.
                 ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
                 if ctype and ctype != "application/json" and not ctype.endswith("+json"):
                     raise RequestError(
-                        415, f"Content-Type must be application/json, got {request.headers['content-type'][:80]!r}"
+                        415,
+                        f"Content-Type must be application/json, got {request.headers['content-type'][:80]!r} "
+                        "(curl: --json or -H 'Content-Type: application/json')",
                     )
                 raw = await _read_body(
                     request.receive, request.headers, limit=config.max_body_bytes, timeout=config.request_timeout_s
