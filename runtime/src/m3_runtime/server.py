@@ -180,9 +180,10 @@ class PackageWatch:
     data file overwritten with 0x7f bytes made the next 902-token pass fail in a Gather
     node with an index from the file). So the session does NOT hold the weights in
     memory, and the server checks the files' size, modification time and inode (a
-    ``stat``: 1.4 us each here, 6 files a package) before and after each request: from the first change on it
-    answers 503 and /health says so, and a restart verifies the SHA-256 again (a
-    corrupted package then fails to load with PackageError)."""
+    ``stat``: 1.4 us each here, 6 files a package) before and after each request: from
+    the first change on it answers 503 and /health says so, and a restart verifies the
+    SHA-256 again (a corrupted package then fails to load with PackageError). An
+    in-place write that also restores the modification time goes unnoticed until then."""
 
     def __init__(self, engines: list[Any]) -> None:
         self.paths = []
@@ -786,7 +787,9 @@ class Service:
         pairs = [(query, p) for p in passages]
         if not truncate:
             limit = reranker.max_length
-            whole = reranker.tokenize(pairs, max_length=reranker.engine.max_length, query_max_length=10**9)
+            whole = await asyncio.to_thread(  # off the event loop: up to max_texts whole, untruncated texts
+                reranker.tokenize, pairs, max_length=reranker.engine.max_length, query_max_length=10**9
+            )
             for i, ids in enumerate(whole):
                 if len(ids) > limit:
                     raise RequestError(413, f"pair {i} has {len(ids)} tokens (limit {limit}); send truncate=true")
@@ -1109,7 +1112,8 @@ def _authorized(header: str | None, key: str) -> str | None:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         return "the Authorization header must be 'Bearer KEY'"
-    if not hmac.compare_digest(token.strip().encode("utf-8", "replace"), key.encode("utf-8")):
+    # Constant-time, on the header's own bytes (decoded as latin-1 above, so this round-trips).
+    if not hmac.compare_digest(token.strip().encode("latin-1"), key.encode("utf-8")):
         return "wrong API key in the Authorization header"
     return None
 
