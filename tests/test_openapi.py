@@ -331,3 +331,20 @@ def test_fuzz_every_endpoint_with_schemathesis(live, capsys):
     assert total >= 10 * len(sent)
     assert not any(s.startswith("5") for s in statuses), metrics
     assert statuses.get("200", 0) >= total // 10  # the generated requests do reach the model
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "string", "pattern": "^a"},
+        {"type": "array", "items": {"type": "string", "format": "email"}},
+        {"anyOf": [{"type": "string"}, {"type": "array", "uniqueItems": True}]},
+        {"type": "object", "properties": {"text": {"type": "string", "minLength": 1}}},
+    ],
+)
+def test_a_keyword_the_parser_does_not_enforce_cannot_be_declared(schema):
+    """The published schema promises only what ``check`` enforces (Service runs this on every declaration)."""
+    from m3_runtime.server import enforced
+
+    with pytest.raises(ValueError, match="does not enforce"):
+        enforced(schema, "field")

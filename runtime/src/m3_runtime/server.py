@@ -319,9 +319,6 @@ def _show(value: Any) -> str:
 def check(value: Any, schema: dict[str, Any], path: str) -> Any:
     """``value`` validated against ``schema`` (a subset of JSON Schema 2020-12) -> the value
     (integral floats of integer fields made ints). RequestError names ``path`` on a refusal."""
-    unknown = set(schema) - _KEYWORDS
-    if unknown:  # a declaration the parser would not enforce must not reach the published schema
-        raise ValueError(f"schema of {path!r} uses unsupported keywords {sorted(unknown)}")
     if "anyOf" in schema:
         options = schema["anyOf"]
         fitting = [s for s in options if "type" not in s or _is(value, s["type"])]
@@ -393,6 +390,18 @@ def check(value: Any, schema: dict[str, Any], path: str) -> Any:
         props = schema.get("properties", {})
         value = {k: check(v, props[k], f"{path}.{k}") if k in props else v for k, v in value.items()}
     return value
+
+
+def enforced(schema: dict[str, Any], path: str) -> None:
+    """ValueError if ``schema`` uses a keyword ``check`` does not enforce: a declaration the
+    parser would ignore must not reach the published document."""
+    unknown = set(schema) - _KEYWORDS
+    if unknown:
+        raise ValueError(f"schema of {path!r} uses keywords the parser does not enforce: {sorted(unknown)}")
+    children = [schema["items"]] if isinstance(schema.get("items"), dict) else []
+    children += [*schema.get("prefixItems", ()), *schema.get("anyOf", ()), *schema.get("properties", {}).values()]
+    for child in children:
+        enforced(child, path)
 
 
 _REQUIRED: Any = object()
@@ -532,6 +541,11 @@ class Service:
         self.scheduler: Scheduler | None = None
         self.has_heads = model is not None and model.engine.kind.has(SPARSE)
         self.endpoints = self._endpoints()
+        for path, endpoint in self.endpoints.items():
+            for f in endpoint.fields:
+                enforced(f.schema, f"{path} {f.name}")
+            for rule in endpoint.rules:
+                enforced(rule.schema, f"{path} rule")
         self.watch = PackageWatch([m.engine for m in (model, reranker) if m is not None])
 
     @property
