@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 import time
 
 import pytest
 from m3_runtime import M3Model, M3Reranker
-from m3_runtime.testing import free_port, wait_until_healthy
+from m3_runtime.testing import start_server
 
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
@@ -29,14 +28,7 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 LIMITS = {"max_texts": 8, "max_chars": 2000, "max_wait_ms": 1}
 
 
-def _start(app):
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_until_healthy(url, 60)
-    return url, srv, thread
+_start = start_server  # url, server, thread of a live loopback server
 
 
 @pytest.fixture(scope="module")

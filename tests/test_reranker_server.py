@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from m3_runtime import M3Model, M3Reranker
-from m3_runtime.testing import free_port, wait_until_healthy
+from m3_runtime.testing import start_server
 
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
@@ -23,14 +22,7 @@ DOCS = [
 ]
 
 
-def _start(app):
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_until_healthy(url, 60)
-    return url, srv, thread
+_start = start_server  # url, server, thread of a live loopback server
 
 
 @pytest.fixture(scope="module")

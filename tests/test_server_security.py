@@ -9,13 +9,12 @@ import re
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 from m3_runtime import M3Model
-from m3_runtime.testing import free_port, wait_until_healthy
+from m3_runtime.testing import free_port, start_server, wait_until_healthy
 
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
@@ -24,14 +23,7 @@ KEY = "s3cret-key"
 SECRET_TEXT = "my private medical note 4711"
 
 
-def _start(app):
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    wait_until_healthy(url, 60)
-    return url, srv, thread
+_start = start_server  # url, server, thread of a live loopback server
 
 
 class Spy:

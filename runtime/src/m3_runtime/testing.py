@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -27,3 +29,19 @@ def wait_until_healthy(url: str, timeout_s: float = 120) -> None:
             pass
         time.sleep(0.1)
     raise TimeoutError(f"{url} did not become healthy within {timeout_s:.0f} s")
+
+
+def start_server(app: Any, *, host: str = "127.0.0.1", timeout_s: float = 60) -> tuple[str, Any, threading.Thread]:
+    """Run ``app`` under uvicorn on a free loopback port in a daemon thread, once healthy.
+
+    Returns ``(url, server, thread)``; stop with ``server.should_exit = True`` and
+    ``thread.join()``. Needs the server extra (uvicorn)."""
+    import uvicorn
+
+    port = free_port(host)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://{host}:{port}"
+    wait_until_healthy(url, timeout_s)
+    return url, server, thread
