@@ -9,6 +9,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -141,8 +142,15 @@ def test_request_ids_are_echoed_or_generated_on_every_response(guarded):
         assert re.fullmatch(r"[0-9a-f]{32}", got), (bad, got)
 
 
-def _access_lines(caplog) -> list[dict]:
-    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "m3_runtime.access"]
+def _access_lines(caplog, *request_ids: str, timeout_s: float = 5.0) -> list[dict]:
+    """The access log's lines once those of ``request_ids`` are there: the server writes a
+    request's line after its last byte is sent, so the client can read the answer first."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "m3_runtime.access"]
+        if {line["request_id"] for line in lines} >= set(request_ids) or time.monotonic() > deadline:
+            return lines
+        time.sleep(0.01)
 
 
 def test_access_log_is_one_json_line_per_request_without_texts(guarded, caplog):
@@ -153,8 +161,8 @@ def test_access_log_is_one_json_line_per_request_without_texts(guarded, caplog):
         ok = httpx.post(url + "/encode", json={"texts": texts}, headers={**auth, "X-Request-ID": "log-1"})
         httpx.post(url + "/encode", json={"texts": texts, "max_length": 1}, headers={**auth, "X-Request-ID": "log-2"})
         httpx.post(url + "/encode", json={"texts": texts}, headers={"X-Request-ID": "log-3"})
+        lines = {r["request_id"]: r for r in _access_lines(caplog, "log-1", "log-2", "log-3")}
     assert ok.status_code == 200
-    lines = {r["request_id"]: r for r in _access_lines(caplog)}
     first = lines["log-1"]
     assert first["method"] == "POST" and first["path"] == "/encode" and first["status"] == 200
     assert first["texts"] == 2 and first["client"] == "127.0.0.1" and first["duration_ms"] > 0
@@ -173,7 +181,7 @@ def test_log_texts_puts_the_texts_in_the_access_log(package_dir, caplog):
     try:
         with caplog.at_level(logging.INFO, logger="m3_runtime.access"):
             httpx.post(url + "/encode", json={"texts": [SECRET_TEXT]}, headers={"X-Request-ID": "with-texts"})
-        line = next(r for r in _access_lines(caplog) if r["request_id"] == "with-texts")
+            line = next(r for r in _access_lines(caplog, "with-texts") if r["request_id"] == "with-texts")
         assert line["inputs"] == [SECRET_TEXT] and line["texts"] == 1
     finally:
         srv.should_exit = True

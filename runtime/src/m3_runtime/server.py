@@ -1152,16 +1152,31 @@ class Gateway:
         request_id = sent if sent is not None and _REQUEST_ID.fullmatch(sent) else uuid.uuid4().hex
         note = Note(request_id)
         status = 500
-        started = False
+        started = recorded = False
+        config = self.service.config
+
+        def record() -> None:
+            nonlocal recorded
+            if recorded:
+                return
+            recorded = True
+            seconds = time.perf_counter() - start
+            path = scope["path"] if scope["path"] in self.routes else "other"
+            self.service.metrics.observe(path, status, seconds)
+            if config.access_log:
+                self.log(scope, note, status, seconds)
 
         async def send_with_id(message: dict) -> None:
             nonlocal status, started
             if message["type"] == "http.response.start":
                 status, started = message["status"], True
                 message = {**message, "headers": [*message.get("headers", ()), (b"x-request-id", request_id.encode())]}
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                # Counted and logged before the last byte leaves: a client that reads its
+                # answer and then scrapes /metrics or the log finds its request there.
+                record()
             await send(message)
 
-        config = self.service.config
         token = _NOTE.set(note)
         try:
             refused = (
@@ -1186,11 +1201,7 @@ class Gateway:
                     await _send_json(send_with_id, 503, _error_body(503, note.error), {"Connection": "close"})
         finally:
             _NOTE.reset(token)
-            seconds = time.perf_counter() - start
-            path = scope["path"] if scope["path"] in self.routes else "other"
-            self.service.metrics.observe(path, status, seconds)
-            if config.access_log:
-                self.log(scope, note, status, seconds)
+            record()  # an answer that never completed (client gone, cancelled) is counted here
 
     def log(self, scope: dict, note: Note, status: int, seconds: float) -> None:
         client = scope.get("client")
