@@ -222,7 +222,7 @@ def test_request_timeout_answers_503_and_queued_work_never_runs(package_dir):
 
     model.engine.run = slow_run  # type: ignore[method-assign]
     port = free_port()
-    config = ServerConfig(max_wait_ms=1, request_timeout_s=0.5)
+    config = ServerConfig(max_wait_ms=1, request_timeout_s=0.5, workers=1)  # one worker: the second request queues
     srv = uvicorn.Server(uvicorn.Config(create_app(model, config), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()

@@ -113,12 +113,13 @@ def _queued(service) -> int:
 
 @pytest.fixture()
 def held(package_dir):
-    """A server whose passes over the text "hold the worker" wait for ``release``."""
+    """A one-worker server whose passes over the text "hold the worker" wait for
+    ``release``: what comes after them queues."""
     from m3_runtime.server import ServerConfig, create_app
 
     model = M3Model(package_dir, variant="fp32")
     recorder = Recorder(model.engine)
-    app = create_app(model, ServerConfig(max_wait_ms=1, request_timeout_s=30))
+    app = create_app(model, ServerConfig(max_wait_ms=1, request_timeout_s=30, workers=1))
     url, srv, thread = _start(app)
     recorder.hold_ids = _ids(model, "hold the worker")
     yield url, model, recorder, app.state.service

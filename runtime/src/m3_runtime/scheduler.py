@@ -5,10 +5,12 @@ as the forward pass that carries it returns: a request is answered when its own
 texts are done, not when a merged call is. Tokenization runs off the event loop.
 Each forward pass is sized by the engine's budget (``Engine.max_batch_tokens``: 256
 tokens on the CPU, 16,384 on GPUs) and filled shortest item first, so a short query
-goes into the next pass ahead of passages; an item queued longer than ``starve_s``
-goes first whatever its length. Items are batched only with items that ask for the
+goes into the next pass ahead of passages; items queued longer than ``starve_s``
+go first whatever their length, oldest first. Items are batched only with items that ask for the
 same outputs (``max_length`` matters only at tokenization). ``workers`` passes run
-at once (a long passage on one, short batches on another). Batching across requests
+at once, and with two or more one of them is a short lane: at most ``workers - 1``
+passes of a text over the engine's budget (a passage, on the CPU) run at once, so a
+short query waits for the short passes ahead of it, never for a passage. Batching across requests
 is safe because results do not depend on batch companions (tested to 1e-5). An item
 whose request was cancelled (client gone, timeout) before its pass is dropped
 unrun.
@@ -95,6 +97,7 @@ class Scheduler:
         self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m3-tokenize")
         self._tasks: list[asyncio.Task] = []
         self._closing = False
+        self._long_running = 0  # passes of a text over its engine's budget, in flight
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -138,15 +141,28 @@ class Scheduler:
                     self.pending.remove(item)
                     self.queued_texts -= 1
 
+    @staticmethod
+    def _long(item: _Item) -> bool:
+        """A text over its engine's token budget: a forward pass of its own, the slow kind."""
+        return len(item.ids) > item.engine.max_batch_tokens
+
+    def _eligible(self) -> list[_Item]:
+        """What a free worker may take: with several workers, one stays a short lane
+        (at most ``workers - 1`` long passes at once), so that a short query never
+        waits for a passage's forward pass, only for the short passes ahead of it."""
+        if self.workers > 1 and self._long_running >= self.workers - 1:
+            return [i for i in self.pending if not self._long(i)]
+        return self.pending
+
     async def _next(self) -> list[_Item] | None:
         """The next batch's items, or None once closing with nothing queued."""
         # Items of cancelled requests have left ``pending`` already (``_submit``'s finally).
-        while not self.pending:
-            if self._closing:
+        while not self._eligible():
+            if self._closing and not self.pending:
                 return None
             self._wake.clear()
             await self._wake.wait()
-        first = min(self.pending, key=lambda i: i.queued_at)
+        first = min(self._eligible(), key=lambda i: i.queued_at)
         deadline = first.queued_at + self.max_wait
         while time.perf_counter() < deadline and self._tokens(first) < first.engine.max_batch_tokens:
             self._wake.clear()
@@ -154,10 +170,16 @@ class Scheduler:
                 await asyncio.wait_for(self._wake.wait(), max(0.0, deadline - time.perf_counter()))
             except TimeoutError:
                 break
-        if not self.pending:  # another worker took them while this one waited
+        eligible = self._eligible()
+        if not eligible:  # another worker took them while this one waited
             return []
         now = time.perf_counter()
-        order = sorted(self.pending, key=lambda i: (now - i.queued_at < self.starve_s, len(i.ids), i.queued_at))
+        # Items queued past ``starve_s`` first, oldest first (by length they could wait
+        # forever under saturation, when every item is old), then the rest shortest first.
+        order = sorted(
+            eligible,
+            key=lambda i: (0, i.queued_at, 0) if now - i.queued_at >= self.starve_s else (1, len(i.ids), i.queued_at),
+        )
         top = order[0]
         engine = top.engine
         same = [i for i in order if i.engine is engine and i.outputs == top.outputs]
@@ -172,6 +194,8 @@ class Scheduler:
         for item in taken:
             self.pending.remove(item)
         self.queued_texts -= len(taken)
+        if self._long(taken[0]):  # counted before any await: the next worker sees it
+            self._long_running += 1
         return taken
 
     def _tokens(self, like: _Item) -> int:
@@ -193,10 +217,12 @@ class Scheduler:
             try:
                 outs = await loop.run_in_executor(self._runs, self._run, items)
             except Exception as exc:
+                self._finished(items)
                 for item in items:
                     if not item.future.done():
                         item.future.set_exception(exc)
                 continue
+            self._finished(items)
             self.stats.batches += 1
             self.stats.texts += len(items)
             self.stats.tokens += sum(len(i.ids) for i in items)
@@ -204,6 +230,11 @@ class Scheduler:
             for item, out in zip(items, outs, strict=True):
                 if not item.future.done():
                     item.future.set_result(out)
+
+    def _finished(self, items: list[_Item]) -> None:
+        if self._long(items[0]):
+            self._long_running -= 1
+            self._wake.set()  # the long items held back from the short lane may go now
 
     async def close(self) -> None:
         """Finish what is queued, then stop."""

@@ -109,7 +109,7 @@ class ServerConfig:
     # queued never runs, a running pass's result is discarded. A body not received
     # within it gets 408. None: no limit.
     request_timeout_s: float | None = 60.0
-    workers: int = 1  # forward passes run at once
+    workers: int = 2  # forward passes run at once; with 2+, one is a short lane (scheduler.py)
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # request bodies over this get 413 (see DEFAULT_MAX_BODY_BYTES)
     # Bearer token every request but OPEN_PATHS must carry (None: no auth). Not in repr.
     api_key: str | None = field(default=None, repr=False)
