@@ -108,3 +108,27 @@ def test_items_past_the_age_limit_go_oldest_first(package_dir):
     # All four passages were queued before the queries and waited past the limit behind
     # the first: they go first; by length alone the queries would have overtaken them.
     assert kinds[: len(LONG)] == ["long"] * len(LONG), kinds
+
+
+def test_old_items_still_share_passes_with_the_shortest(package_dir):
+    """Past the age limit a pass leads with the oldest item, and its companions are the
+    shortest that fit: queued as query, passage, query, passage, ..., the queries share
+    passes (in age order each would run alone beside a passage that cannot join it)."""
+    model = M3Model(package_dir, variant="fp32")
+    engine = model.engine
+    runs = _timed(engine, hold_long_s=0.0)
+    texts = [t for pair in zip(SHORT, LONG + LONG[:2], strict=True) for t in pair]
+
+    async def serve():
+        scheduler = Scheduler(max_queue=100, max_wait_ms=200, workers=1, starve_s=0.0)
+        scheduler.start()
+        outs = engine.outputs
+        got = await asyncio.gather(*(scheduler.encode(engine, [t], max_length=8192, outputs=outs) for t in texts))
+        await scheduler.close()
+        return [g[0] for g in got]
+
+    got = asyncio.run(serve())
+    short_passes = [r for r in runs if r[2] <= engine.max_batch_tokens]
+    assert len(runs) == len(LONG) + 2 + len(short_passes) and len(short_passes) <= 2, runs
+    want = model.encode(texts, return_dense=True)["dense_vecs"]
+    np.testing.assert_allclose(np.stack([g.dense for g in got]), want, atol=1e-5)

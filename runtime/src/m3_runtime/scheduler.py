@@ -174,15 +174,15 @@ class Scheduler:
         if not eligible:  # another worker took them while this one waited
             return []
         now = time.perf_counter()
-        # Items queued past ``starve_s`` first, oldest first (by length they could wait
-        # forever under saturation, when every item is old), then the rest shortest first.
-        order = sorted(
-            eligible,
-            key=lambda i: (0, i.queued_at, 0) if now - i.queued_at >= self.starve_s else (1, len(i.ids), i.queued_at),
-        )
-        top = order[0]
+        # The pass leads with the oldest item queued past ``starve_s`` (by length alone a
+        # passage could wait forever under saturation, when every item is old), else the
+        # shortest; its companions are always the shortest that fit (in age order they
+        # would be a short and a passage: a pass of one, and throughput would collapse).
+        oldest = min(eligible, key=lambda i: i.queued_at)
+        by_length = sorted(eligible, key=lambda i: (len(i.ids), i.queued_at))
+        top = oldest if now - oldest.queued_at >= self.starve_s else by_length[0]
         engine = top.engine
-        same = [i for i in order if i.engine is engine and i.outputs == top.outputs]
+        same = [top, *(i for i in by_length if i is not top and i.engine is engine and i.outputs == top.outputs)]
         n = take_batch(
             [len(i.ids) for i in same],
             batch_size=engine.batch_size if engine.rows_cap is None else engine.rows_cap,
