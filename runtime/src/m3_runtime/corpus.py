@@ -151,7 +151,10 @@ class Embedder:
         from .model import M3Model
 
         self.job = job
-        self.model = M3Model(job.package, intra_op_threads=threads, max_batch_tokens=job.batch_tokens)
+        # The actor's CPUs as that many concurrent one-thread forward passes over one
+        # session (one copy of the weights): a corpus is many batches, and concurrent
+        # one-thread runs beat one multi-thread run on them (docs/benchmarks.md).
+        self.model = M3Model(job.package, intra_op_threads=1, workers=threads, max_batch_tokens=job.batch_tokens)
         self.max_length = job.max_length or self.model.passage_max_length
 
     def __call__(self, batch):
