@@ -34,6 +34,7 @@ sys.path.insert(0, str(HERE))
 from run import _peak_mb, make_texts  # noqa: E402
 
 N = os.cpu_count() or 2
+# name: (intra-op threads, workers)
 CONFIGS = {"seq": (0, 1), f"1t x {N}": (1, N), f"{N}t x {N}": (0, N)}
 
 
@@ -85,19 +86,21 @@ def main() -> None:
     speed: dict[tuple[str, str], list[float]] = {}
     for rep in range(args.repeats):
         for workload, batch in texts.items():
-            for config, model in models.items():
+            names = list(models)
+            for config in names[rep % len(names) :] + names[: rep % len(names)]:  # no config always first
+                model = models[config]
                 start = time.perf_counter()
                 model.encode(batch, **every)
                 tps = tokens[workload] / (time.perf_counter() - start)
                 speed.setdefault((workload, config), []).append(tps)
-                print(f"pass {rep + 1} {workload:8} {config:7} {tps:8.0f} tokens/s", flush=True)
-    print(f"\n{'workload':9} {'config':8} {'tokens/s':>9} {'x seq (median of passes, min-max)':>36}")
+                print(f"pass {rep + 1} {workload:8} {config:13} {tps:8.0f} tokens/s", flush=True)
+    print(f"\n{'workload':9} {'config':13} {'tokens/s':>9} {'x seq (median of passes, min-max)':>36}")
     for workload in texts:
         base = speed[(workload, "seq")]
         for config in CONFIGS:
             ratios = [a / b for a, b in zip(speed[(workload, config)], base, strict=True)]
             print(
-                f"{workload:9} {config:8} {statistics.median(speed[(workload, config)]):9.0f} "
+                f"{workload:9} {config:13} {statistics.median(speed[(workload, config)]):9.0f} "
                 f"{statistics.median(ratios):8.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
             )
 
