@@ -154,6 +154,23 @@ class Server:
         self.log = tempfile.NamedTemporaryFile("w+b", prefix="m3-serve-", suffix=".log", delete=False)
         self.proc: subprocess.Popen | None = None
 
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        """The ``m3 serve`` options both load scripts pass on (``from_args`` reads them)."""
+        parser.add_argument("--workers", type=int, default=None, help="m3 serve --workers (default: the server's)")
+        parser.add_argument("--intra-op-threads", type=int, default=None, help="m3 serve --intra-op-threads")
+        parser.add_argument("--serve-args", default="", help="more m3 serve options, one shell-quoted string")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, variant: str) -> Server:
+        return cls(
+            args.package,
+            variant=variant,
+            workers=args.workers,
+            intra_op_threads=args.intra_op_threads,
+            extra=args.serve_args,
+        )
+
     def __enter__(self) -> Server:
         from m3_runtime.testing import wait_until_healthy
 
@@ -406,9 +423,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("package", type=Path)
     parser.add_argument("--variant", default=None)
-    parser.add_argument("--workers", type=int, default=None, help="m3 serve --workers (default: the server's)")
-    parser.add_argument("--intra-op-threads", type=int, default=None, help="m3 serve --intra-op-threads")
-    parser.add_argument("--serve-args", default="", help="more m3 serve options, one shell-quoted string")
+    Server.add_arguments(parser)
     parser.add_argument("--requests", type=int, default=100, help="texts in the pool (= closed-loop requests)")
     parser.add_argument("--concurrency", type=levels, default=[1, 8, 32], help="closed-loop levels; '' for none")
     parser.add_argument("--open-loop", type=shares, default=[], help="open-loop shares of capacity, e.g. 0.5,0.8")
@@ -459,13 +474,7 @@ def main() -> None:
         wrong.extend(f"{what}: {x}" for x in w)
         return {"errors": len(e), "wrong": len(w)}
 
-    server = Server(
-        args.package,
-        variant=variant,
-        workers=args.workers,
-        intra_op_threads=args.intra_op_threads,
-        extra=args.serve_args,
-    )
+    server = Server.from_args(args, variant)
     with server:
         idle = asyncio.run(unloaded(server.url, pool, n_short=args.unloaded, n_long=2, timeout_s=args.deadline))
         summary["unloaded"] = {**split_latency(idle, pool), **record("unloaded", idle)}

@@ -198,9 +198,7 @@ def main() -> None:
     parser.add_argument("package", type=Path)
     parser.add_argument("--minutes", type=float, default=20)
     parser.add_argument("--variant", default=None)
-    parser.add_argument("--workers", type=int, default=None, help="m3 serve --workers (default: the server's)")
-    parser.add_argument("--intra-op-threads", type=int, default=None, help="m3 serve --intra-op-threads")
-    parser.add_argument("--serve-args", default="", help="more m3 serve options, one shell-quoted string")
+    Server.add_arguments(parser)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--texts", type=int, default=200, help="texts in the pool (a passage in every five)")
     parser.add_argument("--warmup-s", type=float, default=None, help="default: a fifth of the run, at most 120 s")
@@ -235,13 +233,7 @@ def main() -> None:
     )
 
     runner = Soak(pool, pair_sets, scores, args.seed)
-    server = Server(
-        args.package,
-        variant=variant,
-        workers=args.workers,
-        intra_op_threads=args.intra_op_threads,
-        extra=args.serve_args,
-    )
+    server = Server.from_args(args, variant)
     with server:
         print(f"soak: concurrency {args.concurrency} for {args.minutes:g} min (warm-up {warmup_s:g} s)", flush=True)
         run = asyncio.run(
