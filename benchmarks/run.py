@@ -521,17 +521,16 @@ def find_flag_python(explicit: str | None) -> str | None:
 def fidelity(base: dict, got: dict) -> dict[str, float]:
     """Variant vs base on the queries + passages workloads: dense cosine, lexical top-10, ColBERT score."""
     from m3_exporter.validate import cosine as _cos
+    from m3_runtime.testing import top10_overlaps
 
     dense_cos = np.concatenate(
         [_cos(got[w]["arrays"]["dense"], base[w]["arrays"]["dense"]) for w in ("queries", "passages")]
     )
-    overlaps = []
-    for w in ("queries", "passages"):
-        for a, b in zip(base[w]["lexical_weights"], got[w]["lexical_weights"], strict=True):
-            top_a = sorted(a, key=a.get, reverse=True)[:10]
-            top_b = sorted(b, key=b.get, reverse=True)[:10]
-            if top_a:
-                overlaps.append(len(set(top_a) & set(top_b)) / len(top_a))
+    overlaps = [
+        share
+        for w in ("queries", "passages")
+        for share in top10_overlaps(got[w]["lexical_weights"], base[w]["lexical_weights"])
+    ]
 
     def colbert_scores(res: dict) -> np.ndarray:
         q = [res["queries"]["arrays"][f"colbert_{i}"] for i in range(min(8, res["queries"]["texts"]))]

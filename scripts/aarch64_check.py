@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from m3_runtime.testing import row_cosine, top10_overlaps
 
 TOL = 1e-5  # tests/test_parity.py: atol 1e-5 plus rtol 1e-5
 AGAINST_TOL = 1e-5
@@ -49,10 +50,6 @@ def _thresholds(test_file: Path) -> dict[str, dict[str, float]]:
         if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "THRESHOLDS" for t in node.targets):
             return ast.literal_eval(node.value)
     raise SystemExit(f"{test_file} has no THRESHOLDS assignment")
-
-
-def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
 
 def _excess(got: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
@@ -107,16 +104,11 @@ def check_fp32(
 
 def check_int8(out: dict[str, Any], reference: dict[str, Any], model: Any, limits: dict[str, float], report: Report):
     """The measurements of tests/test_variants.py::test_fidelity_against_fp32, same order and texts."""
-    dense_cos = _cos(out["dense_vecs"], reference["dense_vecs"])
+    dense_cos = row_cosine(out["dense_vecs"], reference["dense_vecs"])
     rows = list(zip(out["colbert_vecs"], reference["colbert_vecs"], strict=True))
     shapes_ok = all(a.shape == b.shape for a, b in rows)
-    row_cos = np.concatenate([_cos(a, b) for a, b in rows if len(a)]) if shapes_ok else np.array([-1.0])
-    overlaps = []
-    for got, ref in zip(out["lexical_weights"], reference["lexical_weights"], strict=True):
-        top_ref = sorted(ref, key=ref.get, reverse=True)[:10]
-        top_got = sorted(got, key=got.get, reverse=True)[:10]
-        if top_ref:
-            overlaps.append(len(set(top_ref) & set(top_got)) / len(top_ref))
+    row_cos = np.concatenate([row_cosine(a, b) for a, b in rows if len(a)]) if shapes_ok else np.array([-1.0])
+    overlaps = top10_overlaps(out["lexical_weights"], reference["lexical_weights"])
     q, p = out["colbert_vecs"][:6], out["colbert_vecs"][6:12]
     q_ref, p_ref = reference["colbert_vecs"][:6], reference["colbert_vecs"][6:12]
     score_diff = max(
@@ -279,13 +271,9 @@ def compare_saved(mine: dict[str, np.ndarray], theirs: Path, report: Report, *, 
         if variant == "fp32":
             report.check(f"fp32 vs {theirs.name}", bool(agree.all()), f"{diffs}, {agree.sum()}/{n} texts within 1e-5")
             continue
-        dense_cos = _cos(a_dense, b_dense)
-        row_cos = np.concatenate([_cos(x, y) for x, y in zip(a_col, b_col, strict=True) if len(x)])
-        overlaps = []
-        for x, y in zip(a_lex, b_lex, strict=True):
-            top_y = sorted(y, key=y.get, reverse=True)[:10]
-            if top_y:
-                overlaps.append(len(set(top_y) & set(sorted(x, key=x.get, reverse=True)[:10])) / len(top_y))
+        dense_cos = row_cosine(a_dense, b_dense)
+        row_cos = np.concatenate([row_cosine(x, y) for x, y in zip(a_col, b_col, strict=True) if len(x)])
+        overlaps = top10_overlaps(a_lex, b_lex)
         ok = (
             dense_cos.min() >= close["dense_cos_min"]
             and row_cos.min() >= close["colbert_cos_min"]

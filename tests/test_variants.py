@@ -19,6 +19,7 @@ import pytest
 from m3_runtime import M3Model
 from m3_runtime.batching import pad_batch
 from m3_runtime.contract import OUTPUT_NAMES
+from m3_runtime.testing import row_cosine, top10_overlaps
 
 THRESHOLDS = {
     "fp16": {
@@ -38,10 +39,6 @@ THRESHOLDS = {
 }
 
 
-def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
-
-
 @pytest.fixture(scope="module")
 def texts(golden):
     return golden["texts"][:-1]
@@ -58,21 +55,16 @@ def test_fidelity_against_fp32(package_dir, texts, reference, variant):
     out = model.encode(texts, return_dense=True, return_sparse=True, return_colbert_vecs=True)
     limits = THRESHOLDS[variant]
 
-    dense_cos = _cos(out["dense_vecs"], reference["dense_vecs"])
+    dense_cos = row_cosine(out["dense_vecs"], reference["dense_vecs"])
     assert dense_cos.min() >= limits["dense_cos_min"], dense_cos.min()
     assert dense_cos.mean() >= limits["dense_cos_mean"], dense_cos.mean()
 
     rows = [(a, b) for a, b in zip(out["colbert_vecs"], reference["colbert_vecs"], strict=True)]
     assert all(a.shape == b.shape for a, b in rows)
-    row_cos = np.concatenate([_cos(a, b) for a, b in rows if len(a)])
+    row_cos = np.concatenate([row_cosine(a, b) for a, b in rows if len(a)])
     assert row_cos.min() >= limits["colbert_cos_min"], row_cos.min()
 
-    overlaps = []
-    for got, ref in zip(out["lexical_weights"], reference["lexical_weights"], strict=True):
-        top_ref = sorted(ref, key=ref.get, reverse=True)[:10]
-        top_got = sorted(got, key=got.get, reverse=True)[:10]
-        if top_ref:
-            overlaps.append(len(set(top_ref) & set(top_got)) / len(top_ref))
+    overlaps = top10_overlaps(out["lexical_weights"], reference["lexical_weights"])
     assert np.mean(overlaps) >= limits["top10"], np.mean(overlaps)
 
     q, p = out["colbert_vecs"][:6], out["colbert_vecs"][6:12]

@@ -1,4 +1,5 @@
-"""Helpers for tests and load tests of a server on loopback (no effect on the runtime)."""
+"""Helpers for tests, benchmarks and checks (no effect on the runtime): a server on
+loopback, and the measures that compare one variant's outputs with another's."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -45,3 +49,20 @@ def start_server(app: Any, *, host: str = "127.0.0.1", timeout_s: float = 60) ->
     url = f"http://{host}:{port}"
     wait_until_healthy(url, timeout_s)
     return url, server, thread
+
+
+def row_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine of each row of ``a`` with the same row of ``b`` (last axis)."""
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+def top10_overlaps(got: Sequence[Mapping[str, float]], ref: Sequence[Mapping[str, float]]) -> list[float]:
+    """Per text with lexical weights in ``ref``: the share of its 10 heaviest tokens that
+    are also among the 10 heaviest in ``got`` (texts are paired in order)."""
+    overlaps = []
+    for g, r in zip(got, ref, strict=True):
+        top_ref = sorted(r, key=r.__getitem__, reverse=True)[:10]
+        top_got = sorted(g, key=g.__getitem__, reverse=True)[:10]
+        if top_ref:
+            overlaps.append(len(set(top_ref) & set(top_got)) / len(top_ref))
+    return overlaps
