@@ -5,15 +5,15 @@ as the forward pass that carries it returns: a request is answered when its own
 texts are done, not when a merged call is. Tokenization runs off the event loop.
 Each forward pass is sized by the engine's budget (``Engine.max_batch_tokens``: 256
 tokens on the CPU, 16,384 on GPUs) and filled shortest item first, so a short query
-goes into the next pass ahead of passages; items queued longer than ``starve_s``
-go first whatever their length, oldest first. Items are batched only with items that ask for the
-same outputs (``max_length`` matters only at tokenization). ``workers`` passes run
-at once, and with two or more one of them is a short lane: at most ``workers - 1``
+goes into the next pass ahead of passages; items queued longer than ``starve_s`` go
+first whatever their length, oldest first. Items are batched only with items that ask
+for the same outputs (``max_length`` matters only at tokenization). ``workers`` passes
+run at once, and with two or more one of them is a short lane: at most ``workers - 1``
 passes of a text over the engine's budget (a passage, on the CPU) run at once, so a
-short query waits for the short passes ahead of it, never for a passage. Batching across requests
-is safe because results do not depend on batch companions (tested to 1e-5). An item
-whose request was cancelled (client gone, timeout) before its pass is dropped
-unrun.
+short query waits for the short passes ahead of it, never for a passage. Batching
+across requests is safe because results do not depend on batch companions (tested to
+1e-5). An item whose request was cancelled (client gone, timeout) before its pass is
+dropped unrun.
 """
 
 from __future__ import annotations
