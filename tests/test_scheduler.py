@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import sys
 import threading
 import time
 
@@ -17,7 +19,7 @@ SHORT = [f"short query {i}" for i in range(6)]
 
 def _timed(engine, hold_long_s: float):
     """Wraps ``engine.run`` (the scheduler's only way to the model): records each pass's
-    start, end and padded tokens, and holds long passes so that overlaps are decided by
+    start, end, padded tokens and the running thread's nice value, and holds long passes so that overlaps are decided by
     the scheduler, not by how fast the tiny model is."""
     real, runs, lock = engine.run, [], threading.Lock()
 
@@ -26,17 +28,18 @@ def _timed(engine, hold_long_s: float):
         if batch.input_ids.size > engine.max_batch_tokens:
             time.sleep(hold_long_s)
         out = real(batch, outputs)
+        nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
         with lock:
-            runs.append((start, time.perf_counter(), batch.input_ids.size))
+            runs.append((start, time.perf_counter(), batch.input_ids.size, nice))
         return out
 
     engine.run = run
     return runs
 
 
-async def _serve(model, workers: int):
+async def _serve(model, workers: int, **options):
     engine = model.engine
-    scheduler = Scheduler(max_queue=100, max_wait_ms=5, workers=workers)
+    scheduler = Scheduler(max_queue=100, max_wait_ms=5, workers=workers, **options)
     scheduler.start()
     outputs = engine.outputs
     longs = [asyncio.create_task(scheduler.encode(engine, [t], max_length=8192, outputs=outputs)) for t in LONG]
@@ -65,11 +68,22 @@ def test_one_worker_of_two_is_a_short_lane(package_dir):
     # Every short query ran while passages were still queued or running, not after them.
     assert max(r[1] for r in short_runs) < max(r[1] for r in long_runs)
     assert sum(1 for s in short_runs for g in long_runs if g[0] < s[0] < g[1]) >= len(short_runs) - 1
+    if sys.platform.startswith("linux"):  # passages at a lower CPU priority than the short lane
+        base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        assert {r[3] for r in long_runs} == {min(19, base + 10)}
+        assert {r[3] for r in short_runs} == {base}
 
     want = model.encode(LONG + SHORT, return_dense=True, return_sparse=True, return_colbert_vecs=True)
     for i, out in enumerate(got):
         np.testing.assert_allclose(out.dense, want["dense_vecs"][i], atol=1e-5)
         np.testing.assert_allclose(out.colbert, want["colbert_vecs"][i], atol=1e-5)
+
+
+def test_long_pass_nice_zero_keeps_one_priority(package_dir):
+    model = M3Model(package_dir, variant="fp32", intra_op_threads=1)
+    runs = _timed(model.engine, hold_long_s=0.0)
+    asyncio.run(_serve(model, workers=2, long_nice=0))
+    assert {r[3] for r in runs} == {os.getpriority(os.PRIO_PROCESS, threading.get_native_id())}
 
 
 def test_one_worker_runs_everything_in_turn(package_dir):

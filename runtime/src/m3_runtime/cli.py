@@ -149,6 +149,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         max_chars=args.max_chars,
         request_timeout_s=args.request_timeout_s or None,
         workers=args.workers,
+        long_pass_nice=args.long_pass_nice,
         max_body_bytes=args.max_body_bytes,
         api_key=api_key.strip() if api_key is not None else None,
         log_texts=args.log_texts,
@@ -252,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--workers", type=int, default=defaults["workers"], help="forward passes run at once")
     srv.add_argument(
         "--intra-op-threads", type=int, default=0, help="ONNX Runtime threads per forward pass (0: one per core)"
+    )
+    srv.add_argument(
+        "--long-pass-nice",
+        type=int,
+        default=defaults["long_pass_nice"],
+        help="how much lower (nice) the CPU priority of a passage's forward pass is than a short one's, "
+        "so short requests keep the cores beside it (Linux; 0: equal)",
     )
     srv.add_argument(
         "--request-timeout-s",

@@ -110,6 +110,8 @@ class ServerConfig:
     # within it gets 408. None: no limit.
     request_timeout_s: float | None = 60.0
     workers: int = 2  # forward passes run at once; with 2+, one is a short lane (scheduler.py)
+    # Passes of a text over the engine's budget run on threads this much nicer (Linux).
+    long_pass_nice: int = 10
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # request bodies over this get 413 (see DEFAULT_MAX_BODY_BYTES)
     # Bearer token every request but OPEN_PATHS must carry (None: no auth). Not in repr.
     api_key: str | None = field(default=None, repr=False)
@@ -767,7 +769,10 @@ class Service:
     # -- plumbing -------------------------------------------------------------
     async def start(self, *, warm: bool) -> None:
         self.scheduler = Scheduler(
-            max_queue=self.config.max_queue, max_wait_ms=self.config.max_wait_ms, workers=self.config.workers
+            max_queue=self.config.max_queue,
+            max_wait_ms=self.config.max_wait_ms,
+            workers=self.config.workers,
+            long_nice=self.config.long_pass_nice,
         )
         self.scheduler.start()
         if warm and self._model is not None:
