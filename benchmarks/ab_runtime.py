@@ -1,6 +1,7 @@
 """The same package through two checkouts of the runtime, in interleaved passes.
 
     python benchmarks/ab_runtime.py OLD_SRC [NEW_SRC] [--package PKG] [--variants fp32,int8] [--repeats 5]
+                                    [--env-new NAME=VALUE ...]
 
 ``OLD_SRC``/``NEW_SRC`` are ``runtime/src`` folders (e.g. of a ``git worktree`` at the
 commit before a refactor; ``NEW_SRC`` defaults to this checkout's). Each side runs in
@@ -8,12 +9,15 @@ its own long-lived process, loaded once; pass ``i`` of every side runs before pa
 ``i + 1`` of any, so each ratio compares neighbouring passes on a VM that drifts
 10-17% between runs. Workloads as in ``run.py`` (64 queries, 16 passages), all three
 outputs. Prints tokens/s per side and the NEW/OLD ratio per pass (median, min-max).
+``--env-new`` sets environment variables for the NEW side only: with ``NEW_SRC`` the same
+checkout, it times a setting such as ``MALLOC_MMAP_THRESHOLD_=131072`` against none.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -50,7 +54,16 @@ def main() -> None:
     parser.add_argument("--package", type=Path, default=HERE / ".cache" / "bge-m3-random-pkg")
     parser.add_argument("--variants", default="fp32,int8")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument(
+        "--env-new", action="append", default=[], metavar="NAME=VALUE", help="environment of the NEW side only"
+    )
     args = parser.parse_args()
+    env_new = dict(os.environ)
+    for item in args.env_new:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            parser.error(f"--env-new takes NAME=VALUE, got {item!r}")
+        env_new[name] = value
     texts_file = Path(tempfile.mkdtemp()) / "texts.json"
     texts = make_texts(64, 16)
     texts_file.write_text(json.dumps({w: texts[w] for w in ("queries", "passages")}), encoding="utf-8")
@@ -62,6 +75,7 @@ def main() -> None:
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
+                env=env_new if name == "new" else None,
             )
             assert proc.stdout is not None and proc.stdin is not None
             print(f"{variant} {name}: {json.loads(proc.stdout.readline())['ready']}", flush=True)
