@@ -277,7 +277,8 @@ def embed_corpus(
         ds = ray.data.from_arrow(blocks).map_batches(
             Embedder,
             fn_constructor_kwargs={"job": job, "threads": threads},
-            concurrency=job.workers,
+            # ``compute`` works on every Ray since 2.9; ``concurrency`` is deprecated from 2.51.
+            compute=ray.data.ActorPoolStrategy(size=job.workers),
             batch_size=job.batch_rows,
             batch_format="pyarrow",
             num_cpus=threads,
