@@ -71,7 +71,8 @@ def test_one_worker_of_two_is_a_short_lane(package_dir):
     if sys.platform.startswith("linux"):  # passages at a lower CPU priority than the short lane
         base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
         assert {r[3] for r in long_runs} == {min(19, base + 10)}
-        assert {r[3] for r in short_runs} == {base}
+        beside = [s for s in short_runs if any(g[0] < s[0] < g[1] for g in long_runs)]
+        assert beside and {s[3] for s in beside} == {base}  # a short pass beside a passage: the lane's
 
     want = model.encode(LONG + SHORT, return_dense=True, return_sparse=True, return_colbert_vecs=True)
     for i, out in enumerate(got):

@@ -10,9 +10,10 @@ first whatever their length, oldest first. Items are batched only with items tha
 for the same outputs (``max_length`` matters only at tokenization). ``workers`` passes
 run at once, and with two or more one of them is a short lane: at most ``workers - 1``
 passes of a text over the engine's budget (a passage, on the CPU) run at once, so a
-short query waits for the short passes ahead of it, never for a passage. A passage's
-pass runs on a thread ``long_nice`` steps nicer (Linux, per thread), so a short pass
-started beside it takes the cores they share instead of splitting them evenly. Batching
+short query waits for the short passes ahead of it, never for a passage. The passes
+that may be long run on threads ``long_nice`` steps nicer (Linux, per thread) than the
+lane's, so a short pass started beside a passage takes the cores they share instead of
+splitting them evenly (with one worker there is no lane and no priority). Batching
 across requests is safe because results do not depend on batch companions (tested to
 1e-5). An item whose request was cancelled (client gone, timeout) before its pass is
 dropped unrun.
@@ -111,19 +112,23 @@ class Scheduler:
         self.queued_texts = 0  # items waiting, plus texts being tokenized
         self.stats = Stats()
         self._wake = asyncio.Event()
-        self._runs = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="m3-run")
-        # Long passes run on threads of their own at a lower CPU priority: a short pass
-        # started beside one gets the cores they share (module docstring).
-        self._long_runs = ThreadPoolExecutor(
-            max_workers=max(1, workers - 1),
-            thread_name_prefix="m3-run-long",
+        # With several workers, passes run on ``workers - 1`` threads at a lower CPU
+        # priority (the only ones that take long passes) and one short-lane thread at
+        # the server's: a short pass started beside a passage gets the cores they share
+        # (module docstring). As many threads as workers: no more malloc arenas.
+        lane = workers > 1
+        self._lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m3-run-lane") if lane else None
+        self._lane_busy = False
+        self._runs = ThreadPoolExecutor(
+            max_workers=workers - 1 if lane else 1,
+            thread_name_prefix="m3-run",
             initializer=lower_thread_priority,
-            initargs=(long_nice,),
+            initargs=(long_nice if lane else 0,),
         )
         self._tokenize = ThreadPoolExecutor(max_workers=1, thread_name_prefix="m3-tokenize")
         self._tasks: list[asyncio.Task] = []
         self._closing = False
-        self._long_running = 0  # passes of a text over its engine's budget, in flight
+        self._runs_busy = 0  # passes in flight on ``_runs``
 
     def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -173,15 +178,17 @@ class Scheduler:
         return len(item.ids) > item.engine.max_batch_tokens
 
     def _eligible(self) -> list[_Item]:
-        """What a free worker may take: with several workers, one stays a short lane
-        (at most ``workers - 1`` long passes at once), so that a short query never
-        waits for a passage's forward pass, only for the short passes ahead of it."""
-        if self.workers > 1 and self._long_running >= self.workers - 1:
+        """What a free worker may take: with several workers, one thread is a short lane
+        and long passes run only on the other ``workers - 1`` (so at most that many at
+        once): a short query never waits for a passage's forward pass, only for the
+        short passes ahead of it."""
+        if self._lane is not None and self._runs_busy >= self.workers - 1:
             return [i for i in self.pending if not self._long(i)]
         return self.pending
 
-    async def _next(self) -> list[_Item] | None:
-        """The next batch's items, or None once closing with nothing queued."""
+    async def _next(self) -> tuple[list[_Item], bool] | None:
+        """The next batch's items and whether it runs on the lane, or None once closing
+        with nothing queued (no items: another worker took them)."""
         # Items of cancelled requests have left ``pending`` already (``_submit``'s finally).
         while not self._eligible():
             if self._closing and not self.pending:
@@ -198,7 +205,7 @@ class Scheduler:
                 break
         eligible = self._eligible()
         if not eligible:  # another worker took them while this one waited
-            return []
+            return [], False
         now = time.perf_counter()
         # The pass leads with the oldest item queued past ``starve_s`` (by length alone a
         # passage could wait forever under saturation, when every item is old), else the
@@ -220,9 +227,13 @@ class Scheduler:
         for item in taken:
             self.pending.remove(item)
         self.queued_texts -= len(taken)
-        if self._long(taken[0]):  # counted before any await: the next worker sees it
-            self._long_running += 1
-        return taken
+        # The thread is chosen before any await, so the next worker sees it taken.
+        on_lane = self._lane is not None and not self._lane_busy and not self._long(taken[0])
+        if on_lane:
+            self._lane_busy = True
+        else:
+            self._runs_busy += 1
+        return taken, on_lane
 
     def _tokens(self, like: _Item) -> int:
         return sum(len(i.ids) for i in self.pending if i.engine is like.engine and i.outputs == like.outputs)
@@ -237,19 +248,20 @@ class Scheduler:
 
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
-        while (items := await self._next()) is not None:
+        while (taken := await self._next()) is not None:
+            items, on_lane = taken
             if not items:
                 continue
             try:
-                pool = self._long_runs if self._long(items[0]) else self._runs
+                pool = self._lane if on_lane and self._lane is not None else self._runs
                 outs = await loop.run_in_executor(pool, self._run, items)
             except Exception as exc:
-                self._finished(items)
+                self._finished(on_lane)
                 for item in items:
                     if not item.future.done():
                         item.future.set_exception(exc)
                 continue
-            self._finished(items)
+            self._finished(on_lane)
             self.stats.batches += 1
             self.stats.texts += len(items)
             self.stats.tokens += sum(len(i.ids) for i in items)
@@ -258,10 +270,12 @@ class Scheduler:
                 if not item.future.done():
                     item.future.set_result(out)
 
-    def _finished(self, items: list[_Item]) -> None:
-        if self._long(items[0]):
-            self._long_running -= 1
-            self._wake.set()  # the long items held back from the short lane may go now
+    def _finished(self, on_lane: bool) -> None:
+        if on_lane:
+            self._lane_busy = False
+        else:
+            self._runs_busy -= 1
+        self._wake.set()  # long items held back while ``_runs`` was full may go now
 
     async def close(self) -> None:
         """Finish what is queued, then stop."""
@@ -269,5 +283,6 @@ class Scheduler:
         self._wake.set()
         await asyncio.gather(*self._tasks)
         self._runs.shutdown(wait=True)
-        self._long_runs.shutdown(wait=True)
+        if self._lane is not None:
+            self._lane.shutdown(wait=True)
         self._tokenize.shutdown(wait=True)
