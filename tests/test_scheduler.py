@@ -19,8 +19,9 @@ SHORT = [f"short query {i}" for i in range(6)]
 
 def _timed(engine, hold_long_s: float):
     """Wraps ``engine.run`` (the scheduler's only way to the model): records each pass's
-    start, end, padded tokens and the running thread's nice value, and holds long passes so that overlaps are decided by
-    the scheduler, not by how fast the tiny model is."""
+    start, end, padded tokens and the running thread's nice value, and holds long
+    passes so that overlaps are decided by the scheduler, not by how fast the tiny
+    model is."""
     real, runs, lock = engine.run, [], threading.Lock()
 
     def run(batch, outputs):

@@ -186,9 +186,9 @@ class Scheduler:
             return [i for i in self.pending if not self._long(i)]
         return self.pending
 
-    async def _next(self) -> tuple[list[_Item], bool] | None:
-        """The next batch's items and whether it runs on the lane, or None once closing
-        with nothing queued (no items: another worker took them)."""
+    async def _next(self) -> tuple[list[_Item], ThreadPoolExecutor] | None:
+        """The next batch's items and the threads it runs on, or None once closing with
+        nothing queued (no items: another worker took them)."""
         # Items of cancelled requests have left ``pending`` already (``_submit``'s finally).
         while not self._eligible():
             if self._closing and not self.pending:
@@ -205,7 +205,7 @@ class Scheduler:
                 break
         eligible = self._eligible()
         if not eligible:  # another worker took them while this one waited
-            return [], False
+            return [], self._runs
         now = time.perf_counter()
         # The pass leads with the oldest item queued past ``starve_s`` (by length alone a
         # passage could wait forever under saturation, when every item is old), else the
@@ -228,12 +228,11 @@ class Scheduler:
             self.pending.remove(item)
         self.queued_texts -= len(taken)
         # The thread is chosen before any await, so the next worker sees it taken.
-        on_lane = self._lane is not None and not self._lane_busy and not self._long(taken[0])
-        if on_lane:
+        if self._lane is not None and not self._lane_busy and not self._long(taken[0]):
             self._lane_busy = True
-        else:
-            self._runs_busy += 1
-        return taken, on_lane
+            return taken, self._lane
+        self._runs_busy += 1
+        return taken, self._runs
 
     def _tokens(self, like: _Item) -> int:
         return sum(len(i.ids) for i in self.pending if i.engine is like.engine and i.outputs == like.outputs)
@@ -249,19 +248,18 @@ class Scheduler:
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
         while (taken := await self._next()) is not None:
-            items, on_lane = taken
+            items, pool = taken
             if not items:
                 continue
             try:
-                pool = self._lane if on_lane and self._lane is not None else self._runs
                 outs = await loop.run_in_executor(pool, self._run, items)
             except Exception as exc:
-                self._finished(on_lane)
+                self._finished(pool)
                 for item in items:
                     if not item.future.done():
                         item.future.set_exception(exc)
                 continue
-            self._finished(on_lane)
+            self._finished(pool)
             self.stats.batches += 1
             self.stats.texts += len(items)
             self.stats.tokens += sum(len(i.ids) for i in items)
@@ -270,8 +268,8 @@ class Scheduler:
                 if not item.future.done():
                     item.future.set_result(out)
 
-    def _finished(self, on_lane: bool) -> None:
-        if on_lane:
+    def _finished(self, pool: ThreadPoolExecutor) -> None:
+        if pool is self._lane:
             self._lane_busy = False
         else:
             self._runs_busy -= 1
