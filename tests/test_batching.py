@@ -78,9 +78,9 @@ def _rows_per_call(model):
     rows = []
     run = model.session.run
 
-    def counting(names, feed):
+    def counting(names, feed, options=None):
         rows.append(feed["input_ids"].shape)
-        return run(names, feed)
+        return run(names, feed, options)
 
     model.session.run = counting
     return rows
@@ -185,6 +185,23 @@ def test_heap_is_released_after_long_passes_only(package_dir, monkeypatch):
     model.encode([long_text])
     assert calls == [1]
     session.release_heap()  # the real one runs (glibc here) without error
+
+
+def test_cpu_sessions_share_one_arena_that_shrinks_after_each_run(package_dir):
+    """CPU sessions allocate from the one arena registered with ONNX Runtime's environment
+    (``session.CPU_ARENA``), and every forward pass asks it to give free regions back;
+    the numbers are the goldens' either way (test_parity runs on these sessions)."""
+    from m3_runtime import session
+
+    models = [M3Model(package_dir, variant="fp32"), M3Model(package_dir, variant="int8", workers=2)]
+    assert session._register_cpu_arena() is True  # registered once, the second call cached
+    for model in models:
+        options = model.session.get_session_options()
+        assert options.enable_cpu_mem_arena
+        assert options.get_session_config_entry("session.use_env_allocators") == "1"
+        run = model.engine._run_options
+        assert run is not None and run.get_run_config_entry("memory.enable_memory_arena_shrinkage") == "cpu:0"
+        model.encode(["short text"] * 8 + ["long " * 600], return_sparse=True, return_colbert_vecs=True)
 
 
 @pytest.mark.parametrize("variant", ["fp32", "int8"])

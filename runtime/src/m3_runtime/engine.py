@@ -38,6 +38,7 @@ from .session import (
     default_cache_dir,
     default_variant,
     release_heap,
+    run_options,
 )
 from .tokenize import M3Tokenizer
 
@@ -160,6 +161,7 @@ class Engine:
         if TENSORRT in self.providers:  # stay inside the TensorRT shape profile
             self.rows_cap = min(self.rows_cap or config.trt_max_batch, config.trt_max_batch)
         self._check_graph(graph)
+        self._run_options = run_options(self.session)
         self.on_gpu = any(p in GPU_PROVIDERS for p in self.providers)
         if max_batch_tokens is None:
             max_batch_tokens = GPU_BATCH_TOKENS if self.on_gpu else CPU_BATCH_TOKENS
@@ -229,7 +231,8 @@ class Engine:
         with self._lock:
             self._in_flight += 1
         try:
-            results = self.session.run(names, {INPUT_NAMES[0]: batch.input_ids, INPUT_NAMES[1]: batch.attention_mask})
+            feeds = {INPUT_NAMES[0]: batch.input_ids, INPUT_NAMES[1]: batch.attention_mask}
+            results = self.session.run(names, feeds, self._run_options)
         except Exception as exc:
             raise RunError(f"ONNX Runtime failed on a batch of shape {batch.input_ids.shape}: {exc}") from exc
         finally:

@@ -111,15 +111,78 @@ def _malloc_trim() -> Any:
 def release_heap() -> None:
     """Give the C heap's free memory back to the OS (glibc ``malloc_trim``; elsewhere nothing).
 
-    With the CPU arena off, ONNX Runtime's tensors come from malloc, and after a long
-    input glibc keeps freed blocks that later inputs do not fully reuse: int8, one
+    Without the shared CPU arena (``CPU_ARENA``: GPU sessions, or where it could not be
+    registered), ONNX Runtime's tensors come from malloc, and after a long input glibc
+    keeps freed blocks that later inputs do not fully reuse (measured then: int8, one
     8,192-token text, activation peak 571 MB for one pass, 604 MB over three passes,
-    593 MB over three with a trim after each (2-vCPU box). The model calls this after
+    593 MB over three with a trim after each, 2-vCPU box). The engine calls this after
     a forward pass over ``RELEASE_AFTER_TOKENS`` tokens or more: the trim after that
     8,192-token run took 3.6 ms, the run 37 s."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+# ONNX Runtime's BFC arena for the CPU sessions of this process, shared by them. glibc's
+# heap, which ORT's tensors come from without an arena, keeps a multiple of what a run
+# holds live (int8, full-size, 2 vCPUs, glibc 2.36 and 2.41 alike: a 4 x 64-token batch
+# +107 MB against +22 MB live, one 1,024-token text +488 MB against +72, 16 passages one
+# after another leave 540 MB of heap behind). One 32 MB first region serves short passes;
+# growth regions start at 256 MB, so a long text's tensors split a few large regions
+# instead of stranding many small ones (an 8,192-token text: activation peak 595-602 MB
+# with these sizes, 663-705 MB with smaller ones). Free regions go back to the OS after
+# every run (``run_options``); RSS counts only the pages a region has touched.
+CPU_ARENA = {
+    "arena_extend_strategy": 0,  # kNextPowerOfTwo
+    "initial_chunk_size_bytes": 32 << 20,
+    "initial_growth_chunk_size_bytes": 256 << 20,
+}
+
+
+@functools.cache
+def _register_cpu_arena() -> bool:
+    """Register ``CPU_ARENA`` with ONNX Runtime's environment, once per process.
+
+    False where it cannot be registered: the sessions then allocate from malloc."""
+    ort = import_ort()
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    try:
+        ort.create_and_register_allocator(info, ort.OrtArenaCfg(CPU_ARENA))
+    except Exception as exc:  # e.g. the application registered its own: that one serves
+        already = "already" in str(exc).lower()
+        if not already:
+            _warn_once(f"ONNX Runtime's shared CPU arena could not be registered ({exc}); using malloc")
+        return already
+    return True
+
+
+def _session_options(ort: Any, config: SessionConfig, *, cpu_only: bool) -> Any:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = config.intra_op_threads
+    # Spinning threads burn the cores between calls and cost up to 1.6x at short inputs
+    # when the cores are shared; on a dedicated machine they gave +20% on short queries.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.allow_spinning else "0")
+    # The session's own arena would keep its peak forever (one 8,192-token text pins its
+    # activations for the process's life): on the CPU the shared, shrinking one above.
+    options.enable_cpu_mem_arena = cpu_only and _register_cpu_arena()
+    if options.enable_cpu_mem_arena:
+        options.add_session_config_entry("session.use_env_allocators", "1")
+    options.log_severity_level = 3
+    return options
+
+
+def run_options(session: onnxruntime.InferenceSession) -> onnxruntime.RunOptions | None:
+    """Options for ``session.run``: with the shared CPU arena, free regions go back after each run."""
+    try:
+        shared = session.get_session_options().get_session_config_entry("session.use_env_allocators") == "1"
+    except Exception:  # ONNX Runtime raises for a key that was never set
+        shared = False
+    if not shared:
+        return None
+    options = import_ort().RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+    return options
 
 
 def default_cache_dir() -> Path:
@@ -149,27 +212,17 @@ def create_session(
     if CPU not in wanted:
         wanted.append(CPU)
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = config.intra_op_threads
-    # Spinning threads burn the cores between calls and cost up to 1.6x at short inputs
-    # when the cores are shared; on a dedicated machine they gave +20% on short queries.
-    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if config.allow_spinning else "0")
-    # No CPU arena: the arena keeps its peak forever (one 8,192-token text would pin
-    # ~150 MB more for the process's life) and measured no faster here (int8, 2 vCPUs:
-    # 3.57 s vs 3.55 s on 64 queries; 8,192 tokens: activation peak 580 MB vs 726 MB).
-    options.enable_cpu_mem_arena = False
-    options.log_severity_level = 3
-
     cache_dir = (config.cache_dir or default_cache_dir()) / cache_key
     provider_list = [(p, _provider_options(p, config, cache_dir)) for p in wanted]
     try:
+        options = _session_options(ort, config, cpu_only=wanted == [CPU])
         session = ort.InferenceSession(str(graph), sess_options=options, providers=provider_list)
     except Exception as exc:
         if wanted == [CPU]:
             raise RuntimeError(f"ONNX Runtime cannot load {graph}: {exc}") from None
         _warn_once(f"{wanted[0]} failed to start ({exc}); falling back to {CPU}")
         try:
+            options = _session_options(ort, config, cpu_only=True)
             session = ort.InferenceSession(str(graph), sess_options=options, providers=[CPU])
         except Exception as exc2:
             raise RuntimeError(f"ONNX Runtime cannot load {graph}: {exc2}") from None
