@@ -9,6 +9,9 @@ package with all three outputs:
 - ``seq``:      one session, ONNX Runtime's default threads, one run at a time (today)
 - ``1t x N``:   one session with one intra-op thread, N runs at once from N threads
 - ``Nt x N``:   one session with default threads, N runs at once
+- ``1t x 1``:   one session with one intra-op thread, one run at a time: N times its
+  tokens/s is what N one-thread runs could reach if they did not slow each other
+  (shared caches, memory bandwidth), so the script also prints that bound per workload
 
 on 64 short queries (5-20 words, several batches), 16 passages (120-250 words, each
 its own batch under the CPU's 256-token budget) and one 2,048-token text (a lone
@@ -35,7 +38,7 @@ from run import _peak_mb, make_texts  # noqa: E402
 
 N = os.cpu_count() or 2
 # name: (intra-op threads, workers)
-CONFIGS = {"seq": (0, 1), f"1t x {N}": (1, N), f"{N}t x {N}": (0, N)}
+CONFIGS = {"seq": (0, 1), f"1t x {N}": (1, N), f"{N}t x {N}": (0, N), "1t x 1": (1, 1)}
 
 
 def _model(package: Path, variant: str, config: str):
@@ -103,6 +106,14 @@ def main() -> None:
                 f"{workload:9} {config:13} {statistics.median(speed[(workload, config)]):9.0f} "
                 f"{statistics.median(ratios):8.2f}x ({min(ratios):.2f}-{max(ratios):.2f})"
             )
+    print(f"\nbound for 1t x {N} if the runs did not slow each other ({N} x 1t x 1, per pass):")
+    for workload in texts:
+        bound = [N * a / b for a, b in zip(speed[(workload, "1t x 1")], speed[(workload, "seq")], strict=True)]
+        got = [a / (N * b) for a, b in zip(speed[(workload, f"1t x {N}")], speed[(workload, "1t x 1")], strict=True)]
+        print(
+            f"{workload:9} {statistics.median(bound):.2f}x seq ({min(bound):.2f}-{max(bound):.2f}); "
+            f"1t x {N} reaches {statistics.median(got):.0%} of it"
+        )
 
 
 if __name__ == "__main__":
