@@ -1,7 +1,7 @@
 """The same package through two checkouts of the runtime, in interleaved passes.
 
     python benchmarks/ab_runtime.py OLD_SRC [NEW_SRC] [--package PKG] [--variants fp32,int8] [--repeats 5]
-                                    [--env-new NAME=VALUE ...]
+                                    [--env-new NAME=VALUE ...] [--option-new NAME=VALUE ...]
 
 ``OLD_SRC``/``NEW_SRC`` are ``runtime/src`` folders (e.g. of a ``git worktree`` at the
 commit before a refactor; ``NEW_SRC`` defaults to this checkout's). Each side runs in
@@ -11,6 +11,9 @@ its own long-lived process, loaded once; pass ``i`` of every side runs before pa
 outputs. Prints tokens/s per side and the NEW/OLD ratio per pass (median, min-max).
 ``--env-new`` sets environment variables for the NEW side only: with ``NEW_SRC`` the same
 checkout, it times a setting such as ``MALLOC_MMAP_THRESHOLD_=131072`` against none.
+``--option-new`` passes an ``M3Model`` argument (an integer) to the NEW side only, e.g.
+``--option-new workers=2 --option-new intra_op_threads=1`` against an older checkout's
+default.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ WORKER = r"""
 import json, sys, time
 sys.path.insert(0, sys.argv[1])
 from m3_runtime import M3Model
-model = M3Model(sys.argv[2], variant=sys.argv[3])
+model = M3Model(sys.argv[2], variant=sys.argv[3], **json.loads(sys.argv[5]))
 texts = json.loads(open(sys.argv[4], encoding="utf-8").read())
 tokens = {w: sum(len(x) for x in model.tokenizer.encode(t, 8192)) for w, t in texts.items()}
 model.encode(texts["queries"][:4], return_sparse=True, return_colbert_vecs=True)
@@ -57,7 +60,16 @@ def main() -> None:
     parser.add_argument(
         "--env-new", action="append", default=[], metavar="NAME=VALUE", help="environment of the NEW side only"
     )
+    parser.add_argument(
+        "--option-new", action="append", default=[], metavar="NAME=VALUE", help="M3Model argument, NEW side only"
+    )
     args = parser.parse_args()
+    options_new: dict[str, int] = {}
+    for item in args.option_new:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value.lstrip("-").isdigit():
+            parser.error(f"--option-new takes NAME=INTEGER, got {item!r}")
+        options_new[name] = int(value)
     env_new = dict(os.environ)
     for item in args.env_new:
         name, sep, value = item.partition("=")
@@ -71,7 +83,16 @@ def main() -> None:
         sides = {}
         for name, src in (("old", args.old), ("new", args.new)):
             proc = subprocess.Popen(
-                [sys.executable, "-c", WORKER, str(src.resolve()), str(args.package), variant, str(texts_file)],
+                [
+                    sys.executable,
+                    "-c",
+                    WORKER,
+                    str(src.resolve()),
+                    str(args.package),
+                    variant,
+                    str(texts_file),
+                    json.dumps(options_new if name == "new" else {}),
+                ],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
