@@ -64,18 +64,18 @@ def main() -> None:
         "--option-new", action="append", default=[], metavar="NAME=VALUE", help="M3Model argument, NEW side only"
     )
     args = parser.parse_args()
-    options_new: dict[str, int] = {}
-    for item in args.option_new:
-        name, sep, value = item.partition("=")
-        if not sep or not name or not value.lstrip("-").isdigit():
-            parser.error(f"--option-new takes NAME=INTEGER, got {item!r}")
-        options_new[name] = int(value)
-    env_new = dict(os.environ)
-    for item in args.env_new:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            parser.error(f"--env-new takes NAME=VALUE, got {item!r}")
-        env_new[name] = value
+
+    def pairs(items: list[str], flag: str, integer: bool = False) -> dict[str, str]:
+        out = {}
+        for item in items:
+            name, sep, value = item.partition("=")
+            if not sep or not name or (integer and not value.lstrip("-").isdigit()):
+                parser.error(f"{flag} takes NAME={'INTEGER' if integer else 'VALUE'}, got {item!r}")
+            out[name] = value
+        return out
+
+    options_new = {k: int(v) for k, v in pairs(args.option_new, "--option-new", integer=True).items()}
+    env_new = {**os.environ, **pairs(args.env_new, "--env-new")}
     texts_file = Path(tempfile.mkdtemp()) / "texts.json"
     texts = make_texts(64, 16)
     texts_file.write_text(json.dumps({w: texts[w] for w in ("queries", "passages")}), encoding="utf-8")

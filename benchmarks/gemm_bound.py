@@ -24,7 +24,8 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 K, N = 1024, 4096
-OPS_PER_TOKEN = 2 * 24 * (4 * 1024 * 1024 + 2 * 1024 * 4096)  # 0.604e9
+LAYERS = 24
+OPS_PER_TOKEN = 2 * LAYERS * (4 * K * K + 2 * K * N)  # Q, K, V, output; FFN up, down: 0.604e9
 
 
 def _graph(int8: bool, signed: bool = False) -> bytes:

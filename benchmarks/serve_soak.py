@@ -20,7 +20,7 @@ growth is that of the envelope: the highest sample in the last ``--window-s`` (6
 load over the highest in the first ``--window-s`` after the warm-up (``--warmup-s``,
 default a fifth of the run, at most 120 s). The server's CPU sessions give their free
 memory back after every forward pass, so one sample reads whatever was in flight at
-that instant (samples 495-656 MB in one 20-min run); the sample after the warm-up and
+that instant (samples 495-665 MB in one 20-min run); the sample after the warm-up and
 the last one are printed too. Targets: zero wrong answers, zero
 5xx (counted by this client and by the server's own ``/metrics``), zero dropped
 connections, RSS growth < 5%. Prints a line a minute, a summary, writes JSON, and exits
