@@ -170,6 +170,27 @@ class Engine:
         self._in_flight = 0
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        self._open = (graph, wanted, config, cache_key)
+        self.long_session: onnxruntime.InferenceSession | None = None
+
+    def open_long_session(self) -> bool:
+        """Open a second CPU session of the graph for ``run(..., long_session=True)``.
+
+        The server's scheduler opens it on one of its lower-priority threads: ONNX
+        Runtime's intra-op threads are created with the session and keep the CPU priority
+        of the thread that created them, so every thread of a pass on this session runs
+        at that priority, and a short pass on ``session`` (its own threads) takes the
+        cores from it. One session's threads serve all its concurrent runs, so a long
+        pass on the main session would hold its pool thread at the server's priority.
+        Costs a second copy of the prepacked weights (full-size int8: ~300 MB). Not on
+        GPUs (the budget is above every text there; a copy would double GPU memory):
+        False, and long passes use ``session``."""
+        if self.on_gpu:
+            return False
+        if self.long_session is None:
+            graph, wanted, config, cache_key = self._open
+            self.long_session, _ = create_session(graph, wanted, config, cache_key=cache_key)
+        return True
 
     # -- checks ---------------------------------------------------------------
     def check_length(self, value: object, name: str) -> int:
@@ -225,14 +246,17 @@ class Engine:
             )
         ]
 
-    def run(self, batch: Batch, outputs: Sequence[str]) -> dict[str, np.ndarray]:
-        """One forward pass for ``outputs`` (graph output names). Safe from several threads."""
+    def run(self, batch: Batch, outputs: Sequence[str], *, long_session: bool = False) -> dict[str, np.ndarray]:
+        """One forward pass for ``outputs`` (graph output names). Safe from several threads.
+
+        ``long_session``: on the session ``open_long_session`` opened (if it did)."""
         names = list(outputs)
         with self._lock:
             self._in_flight += 1
         try:
             feeds = {INPUT_NAMES[0]: batch.input_ids, INPUT_NAMES[1]: batch.attention_mask}
-            results = self.session.run(names, feeds, self._run_options)
+            session = self.long_session if long_session and self.long_session is not None else self.session
+            results = session.run(names, feeds, self._run_options)
         except Exception as exc:
             raise RunError(f"ONNX Runtime failed on a batch of shape {batch.input_ids.shape}: {exc}") from exc
         finally:
