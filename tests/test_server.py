@@ -213,12 +213,12 @@ def test_request_timeout_answers_503_and_queued_work_never_runs(package_dir):
     run = model.engine.run
     decode = model.tokenizer._tok.decode_batch
 
-    def slow_run(batch, outputs):  # the scheduler's forward passes go through Engine.run
+    def slow_run(batch, outputs, **kw):  # the scheduler's forward passes go through Engine.run
         texts = decode(batch.input_ids.tolist(), skip_special_tokens=True)
         seen.append(texts)
         if "slow" in texts:
             time.sleep(1.5)
-        return run(batch, outputs)
+        return run(batch, outputs, **kw)
 
     model.engine.run = slow_run  # type: ignore[method-assign]
     port = free_port()

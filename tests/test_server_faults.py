@@ -91,7 +91,7 @@ class Recorder:
         self.release = threading.Event()
         engine.run = self
 
-    def __call__(self, batch, outputs):
+    def __call__(self, batch, outputs, **kw):
         rows = [
             tuple(int(t) for t, m in zip(r, k, strict=True) if m)
             for r, k in zip(batch.input_ids, batch.attention_mask, strict=True)
@@ -100,7 +100,7 @@ class Recorder:
         if self.hold_ids is not None and self.hold_ids in rows:
             self.holding.set()
             self.release.wait(30)
-        return self.run(batch, outputs)
+        return self.run(batch, outputs, **kw)
 
 
 def _ids(model: M3Model, text: str) -> tuple[int, ...]:
@@ -405,12 +405,12 @@ def test_package_changed_during_a_pass_is_not_answered(package_dir, tmp_path):
     run = model.engine.run
     trigger = _ids(model, "change the weights now")
 
-    def run_and_touch(batch, outputs):
+    def run_and_touch(batch, outputs, **kw):
         rows = [
             tuple(int(t) for t, m in zip(r, k, strict=True) if m)
             for r, k in zip(batch.input_ids, batch.attention_mask, strict=True)
         ]
-        out = run(batch, outputs)
+        out = run(batch, outputs, **kw)
         if trigger in rows:  # after the pass: its numbers are the old weights', but the file is no longer
             os.utime(data)
         return out

@@ -39,9 +39,9 @@ class Spy:
             self.tokenized.append(list(texts))
             return tokenize(texts, max_length)
 
-        def spy_run(batch, outputs):
+        def spy_run(batch, outputs, **kw):
             self.runs += 1
-            return run(batch, outputs)
+            return run(batch, outputs, **kw)
 
         engine.tokenize, engine.run = spy_tokenize, spy_run
 

@@ -250,7 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     srv.add_argument("--max-texts", type=int, default=defaults["max_texts"], help="texts per request (413 above)")
     srv.add_argument("--max-chars", type=int, default=defaults["max_chars"], help="characters per text (413 above)")
-    srv.add_argument("--workers", type=int, default=defaults["workers"], help="forward passes run at once")
+    srv.add_argument(
+        "--workers",
+        type=int,
+        default=defaults["workers"],
+        help="N: short forward passes run at once, and N - 1 passages beside them on a second session "
+        "(CPU: one more copy of the prepacked weights); 1: one pass at a time, one session",
+    )
     srv.add_argument(
         "--intra-op-threads", type=int, default=0, help="ONNX Runtime threads per forward pass (0: one per core)"
     )

@@ -109,7 +109,7 @@ class ServerConfig:
     # queued never runs, a running pass's result is discarded. A body not received
     # within it gets 408. None: no limit.
     request_timeout_s: float | None = 60.0
-    workers: int = 2  # forward passes run at once; with 2+, one is a short lane (scheduler.py)
+    workers: int = 2  # N: short passes at once, and N - 1 passages on a second session (scheduler.py)
     # Passes of a text over the engine's budget run on threads this much nicer (Linux).
     long_pass_nice: int = 10
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # request bodies over this get 413 (see DEFAULT_MAX_BODY_BYTES)
@@ -775,6 +775,9 @@ class Service:
             long_nice=self.config.long_pass_nice,
         )
         self.scheduler.start()
+        for held in (self._model, self._reranker):
+            if held is not None:
+                await self.scheduler.prepare(held.engine)
         if warm and self._model is not None:
             await self.embed(["warm-up"], max_length=16, dense=True, sparse=self.has_heads, colbert=self.has_heads)
         if warm and self._reranker is not None:
