@@ -170,7 +170,7 @@ class Engine:
         self._in_flight = 0
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
-        self._open = (graph, wanted, config, cache_key)
+        self._open = (graph, config, cache_key)
         self.long_session: onnxruntime.InferenceSession | None = None
 
     def open_long_session(self) -> bool:
@@ -188,8 +188,8 @@ class Engine:
         if self.on_gpu:
             return False
         if self.long_session is None:
-            graph, wanted, config, cache_key = self._open
-            self.long_session, _ = create_session(graph, wanted, config, cache_key=cache_key)
+            graph, config, cache_key = self._open  # where the main session fell back to the CPU too
+            self.long_session, _ = create_session(graph, [CPU], config, cache_key=cache_key)
         return True
 
     # -- checks ---------------------------------------------------------------
