@@ -100,6 +100,7 @@ def test_missing_column_names_file_and_columns(local_ray, package_dir, tmp_path)
 
 
 @pytest.mark.exporter  # its texts: m3_exporter.texts
+@pytest.mark.exporter  # its texts: m3_exporter.texts
 def test_killed_run_resumes_without_loss_or_duplicates(package_dir, tmp_path):
     root = tmp_path / "in"
     root.mkdir()
@@ -173,6 +174,7 @@ def _descendants(pid: int) -> dict[int, str]:
     return found
 
 
+@pytest.mark.exporter  # its texts: m3_exporter.texts
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the actor's process in /proc")
 def test_one_actor_killed_mid_run_then_a_rerun_completes_every_id_once(package_dir, tmp_path):
     """One of two Ray actors SIGKILLed while the run is under way: Ray replaces it and the
