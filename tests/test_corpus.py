@@ -99,15 +99,20 @@ def test_missing_column_names_file_and_columns(local_ray, package_dir, tmp_path)
         embed_corpus(CorpusJob(package=str(package_dir)), tmp_path / "x.parquet", tmp_path / "out", say=lambda _m: None)
 
 
-@pytest.mark.exporter  # its texts: m3_exporter.texts
-@pytest.mark.exporter  # its texts: m3_exporter.texts
-def test_killed_run_resumes_without_loss_or_duplicates(package_dir, tmp_path):
+def _parts(tmp_path: Path, files: int, seed: int) -> tuple[Path, list[str]]:
+    """``files`` Parquet inputs of 20 rows each under ``tmp_path/in`` (ids 0, 1, ...): (folder, texts)."""
     root = tmp_path / "in"
     root.mkdir()
-    texts = _texts(120, seed=1)
-    for f in range(6):
+    texts = _texts(20 * files, seed=seed)
+    for f in range(files):
         rows = range(f * 20, f * 20 + 20)
-        pq.write_table(pa.table({"id": list(rows), "text": [texts[i] for i in rows]}), root / f"part-{f}.parquet")
+        pq.write_table(pa.table({"id": list(rows), "text": [texts[i] for i in rows]}), root / f"part-{f:02}.parquet")
+    return root, texts
+
+
+@pytest.mark.exporter  # its texts: m3_exporter.texts
+def test_killed_run_resumes_without_loss_or_duplicates(package_dir, tmp_path):
+    root, _ = _parts(tmp_path, 6, seed=1)
     out = tmp_path / "out"
     cmd = [
         str(Path(sys.executable).parent / "m3"),
@@ -180,12 +185,7 @@ def test_one_actor_killed_mid_run_then_a_rerun_completes_every_id_once(package_d
     """One of two Ray actors SIGKILLed while the run is under way: Ray replaces it and the
     run completes, or the run fails with a message; either way a rerun leaves every id
     exactly once, with the model's numbers."""
-    root = tmp_path / "in"
-    root.mkdir()
-    texts = _texts(240, seed=2)
-    for f in range(12):
-        rows = range(f * 20, f * 20 + 20)
-        pq.write_table(pa.table({"id": list(rows), "text": [texts[i] for i in rows]}), root / f"part-{f:02}.parquet")
+    root, texts = _parts(tmp_path, 12, seed=2)
     out = tmp_path / "out"
     cmd = [str(Path(sys.executable).parent / "m3"), "embed-corpus", str(package_dir), str(root), str(out)]
     cmd += ["--workers", "2", "--batch-rows", "2"]
