@@ -99,8 +99,9 @@ def test_the_long_pass_session_threads_take_the_long_pass_priority(package_dir):
     before = _threads()
     model = M3Model(package_dir, variant="fp32", intra_op_threads=2)
     engine = model.engine
-    main_pool = set(_threads()) - set(before)
-    assert main_pool and {_threads()[t] for t in main_pool} == {base}
+    loaded = _threads()
+    main_pool = set(loaded) - set(before)
+    assert main_pool and {loaded[t] for t in main_pool} == {base}
 
     async def prepare():
         scheduler = Scheduler(max_queue=10, max_wait_ms=1, workers=2)
