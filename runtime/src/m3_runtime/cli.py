@@ -322,6 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     corpus.set_defaults(func=cmd_embed_corpus)
 
+    from .evaluation.cli import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
+
     info = sub.add_parser("info", help="show the package manifest and the providers available")
     info.add_argument("package")
     info.set_defaults(func=cmd_info)

@@ -127,6 +127,57 @@ def paired_colbert_scores(queries: Sequence[np.ndarray], passages: Sequence[np.n
     return out
 
 
+def lexical_csr(items: Sequence[Mapping[str, float]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lexical weights keyed by ``str(token_id)`` -> ``(indptr, token ids int64, weights float32)``."""
+    counts = np.fromiter((len(x) for x in items), dtype=np.int64, count=len(items))
+    indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    total = int(indptr[-1])
+    ids = np.fromiter((int(k) for x in items for k in x), dtype=np.int64, count=total)
+    weights = np.fromiter((w for x in items for w in x.values()), dtype=np.float32, count=total)
+    return indptr, ids, weights
+
+
+def lexical_score_matrix(
+    queries: Sequence[Mapping[str, float]], indptr: np.ndarray, ids: np.ndarray, weights: np.ndarray
+) -> np.ndarray:
+    """``lexical_matching_score(queries[i], passages[j])`` for all i, j: ``(len(queries), n)`` float32.
+
+    The passages come as CSR arrays (``lexical_csr``, or ``m3 embed-corpus``'s
+    ``sparse_indices``/``sparse_values``). Only tokens some query has can add to a
+    score, so the product runs over the queries' vocabulary: memory is ``n x that``."""
+    vocab: dict[int, int] = {}
+    for q in queries:
+        for k in q:
+            vocab.setdefault(int(k), len(vocab))
+    n = len(indptr) - 1
+    if not vocab or n == 0 or len(ids) == 0:
+        return np.zeros((len(queries), n), dtype=np.float32)
+    q_mat = np.zeros((len(queries), len(vocab)), dtype=np.float32)
+    for row, q in enumerate(queries):
+        for k, w in q.items():
+            q_mat[row, vocab[int(k)]] = w
+    lookup = np.full(max(int(ids.max()), max(vocab)) + 1, -1, dtype=np.int64)
+    lookup[np.fromiter(vocab, dtype=np.int64, count=len(vocab))] = np.arange(len(vocab))
+    cols = lookup[ids]
+    rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(indptr))
+    hit = cols >= 0
+    p_mat = np.zeros((n, len(vocab)), dtype=np.float32)
+    p_mat[rows[hit], cols[hit]] = weights[hit]  # a passage's keys are unique
+    return q_mat @ p_mat.T
+
+
+def sparse_dense(dense: np.ndarray, sparse: np.ndarray, weights: Sequence[float]) -> np.ndarray:
+    """``compute_score``'s ``sparse+dense``: ``(w1*s + w0*d) / (w1 + w0)``, elementwise."""
+    w0, w1 = float(weights[0]), float(weights[1])
+    return (w1 * sparse + w0 * dense) / (w1 + w0)
+
+
+def all_three(dense: np.ndarray, sparse: np.ndarray, colbert: np.ndarray, weights: Sequence[float]) -> np.ndarray:
+    """``compute_score``'s ``colbert+sparse+dense``: ``(w2*c + w1*s + w0*d) / (w0 + w1 + w2)``."""
+    w0, w1, w2 = (float(w) for w in weights)
+    return (w2 * colbert + w1 * sparse + w0 * dense) / (w0 + w1 + w2)
+
+
 def check_mode_weights(weights: Sequence[float]) -> None:
     """``[dense, sparse, colbert]`` weights of ``compute_score``: three numbers, no zero sums."""
     if len(weights) != 3 or not all(isinstance(w, (int, float)) for w in weights):
@@ -139,11 +190,10 @@ def combine_scores(
     dense: np.ndarray, sparse: np.ndarray, colbert: np.ndarray, weights: Sequence[float]
 ) -> dict[str, list[float]]:
     """The five ``compute_score`` lists from the three per-pair scores."""
-    w0, w1, w2 = (float(w) for w in weights)
     return {
         "colbert": colbert.tolist(),
         "sparse": sparse.tolist(),
         "dense": dense.tolist(),
-        "sparse+dense": ((w1 * sparse + w0 * dense) / (w1 + w0)).tolist(),
-        "colbert+sparse+dense": ((w2 * colbert + w1 * sparse + w0 * dense) / (w0 + w1 + w2)).tolist(),
+        "sparse+dense": sparse_dense(dense, sparse, weights).tolist(),
+        "colbert+sparse+dense": all_three(dense, sparse, colbert, weights).tolist(),
     }
