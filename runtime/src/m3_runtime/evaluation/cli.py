@@ -92,8 +92,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if v not in present:
             raise InputError(f"--variants: {args.package} has no {v!r} variant (it has {', '.join(present)})")
     kind = package.manifest.kind
-    default_modes = ["dense"] + (["sparse", "dense+sparse"] if kind.has(SPARSE) else [])
-    default_modes += ["colbert", "all"] if kind.has(SPARSE) and kind.has(COLBERT) else []
+    full = kind.has(SPARSE) and kind.has(COLBERT)
+    default_modes = list(MODES) if full else ["dense", *(["sparse", "dense+sparse"] if kind.has(SPARSE) else [])]
     ks = sorted(set(args.k))
     cfg = EvalConfig(
         variants=variants,
