@@ -333,6 +333,7 @@ def export_package(
         (work / MANIFEST_NAME).write_text(
             json.dumps(manifest.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
+        follow_umask(work)
         if out.exists():
             shutil.rmtree(out)  # only reached with force (checked above)
         work.rename(out)
@@ -341,6 +342,32 @@ def export_package(
         raise
     say(f"wrote {out}: " + ", ".join(f"{v} ({_size(info)})" for v, info in infos.items()))
     return manifest
+
+
+def current_umask() -> int:
+    """The process umask, read from /proc where it is (setting it to read it races other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(root: Path) -> None:
+    """Give every file under ``root`` mode ``0o666 & ~umask`` and every folder ``0o777 & ~umask``.
+
+    Writers differ: onnx writes the ``.onnx.data`` weights through a temporary file
+    (mode 0600) while the rest get 0644, and a package exported by root would then not
+    load as the unprivileged user that serves it."""
+    mask = current_umask()
+    root.chmod(0o777 & ~mask)
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _int8_calibration(

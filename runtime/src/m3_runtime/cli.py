@@ -106,6 +106,7 @@ def cmd_info(args: argparse.Namespace) -> None:
                     "        vs fp32 on real English text: " + ", ".join(f"{k} {info.validation[k]:.4g}" for k in real)
                 )
         entries = m.tokenizer_files + info.files
+        lines.extend(f"        UNREADABLE: {why}" for why in package.unreadable(entries))
         todo = package.unverified(entries, record)
         lines.append(
             "        SHA-256: "

@@ -69,6 +69,8 @@ class Package:
             if not path.is_file():
                 raise PackageError(f"package file missing: {path}")
             st = path.stat()
+            if not os.access(path, os.R_OK):
+                raise PackageError(unreadable_message(path, st))
             if st.st_size != entry.bytes:
                 raise PackageError(
                     f"package file {path} has {st.st_size} bytes, the manifest says {entry.bytes} "
@@ -100,6 +102,27 @@ class Package:
             if seen.get(str(path)) != _stamp(st, entry):
                 out.append(entry)
         return out
+
+    def unreadable(self, entries: tuple[FileEntry, ...]) -> list[str]:
+        """``unreadable_message`` of each of ``entries`` that exists but this user cannot read."""
+        out = []
+        for entry in entries:
+            path = self.path(entry)
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            if not os.access(path, os.R_OK):
+                out.append(unreadable_message(path, st))
+        return out
+
+
+def unreadable_message(path: Path, st: os.stat_result) -> str:
+    """Why a package file cannot be loaded by this user, and what to do about it."""
+    return (
+        f"package file {path} is not readable by this user (uid {os.getuid()}): mode {st.st_mode & 0o777:04o}, "
+        f"owner uid {st.st_uid}; re-export the package under a umask such as 022, or `chmod -R a+rX {path.parent}`"
+    )
 
 
 def _stamp(st: os.stat_result, entry: FileEntry) -> list:
