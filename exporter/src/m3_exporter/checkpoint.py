@@ -9,6 +9,7 @@ naming what is missing, not after minutes of loading.
 
 from __future__ import annotations
 
+import difflib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,8 +101,16 @@ def resolve_source(src: str, revision: str | None = None) -> tuple[Path, str]:
     path = Path(src).expanduser()
     if path.exists():
         return path.resolve(), "local"
-    if src.count("/") != 1 or src.startswith((".", "/", "~")):
+    if src.count("/") != 1 or src.startswith((".", "/", "~")) or src.endswith("/") or "\\" in src:
         raise CheckpointError(f"{src}: no such folder, and not a hub id of the form 'owner/name'")
+    if path.parent.is_dir():  # "models/tiny-m4" beside a models/ folder: a typo of a path, not a hub id
+        near = difflib.get_close_matches(path.name, [p.name for p in path.parent.iterdir() if p.is_dir()], n=3)
+        raise CheckpointError(
+            f"{src}: no such folder ({path.parent}/ exists but has no {path.name}"
+            + (f"; did you mean {', '.join(str(path.parent / n) for n in near)}?" if near else "")
+            + f"). It looks like a local path, so the hub is not tried; to export the hub model {src}, "
+            f"run m3-export from a directory without a {path.parent} folder"
+        )
     try:
         from huggingface_hub import snapshot_download
     except ImportError:

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.0,
         metavar="ALPHA",
-        help="SmoothQuant before int8 with this alpha (default 0: off; 0.5 is usual); see the README",
+        help="SmoothQuant before int8 with this alpha (default 0: off; 0.5 is usual); see docs/exporting.md",
     )
     parser.add_argument("--list-models", action="store_true", help="list the models of the registry and exit")
     from . import __version__

@@ -17,17 +17,44 @@ from .reranker import RERANK_BATCH_SIZE
 from .session import available_providers, default_cache_dir, default_variant
 
 
+def _check_kind(package: str, *, reranker: bool, hint: str) -> None:
+    """Refuse a package of the other kind with what to type instead (``hint``)."""
+    kind = load_package(package).manifest.kind
+    if kind.pairs != reranker:
+        raise InputError(f"{package} is a {kind.description}: {hint}")
+
+
 def _model(args: argparse.Namespace, **kwargs: object):
     from .model import M3Model
 
+    serving = hasattr(args, "reranker")  # m3 serve has --reranker; encode and score do not
+    _check_kind(
+        args.package,
+        reranker=False,
+        hint=f"pass it with --reranker {args.package}" if serving else f"use m3 rerank {args.package} QUERY PASSAGE...",
+    )
     return M3Model(args.package, variant=args.variant, batch_size=args.batch_size, **kwargs)  # type: ignore[arg-type]
 
 
-def _texts(items: Sequence[str]) -> list[str]:
+def _reranker(package: str, *, serving: bool, **kwargs: object):
+    from .reranker import M3Reranker
+
+    _check_kind(
+        package,
+        reranker=True,
+        hint="pass it as PACKAGE, without --reranker" if serving else f"use m3 encode or m3 score {package} ...",
+    )
+    return M3Reranker(package, **kwargs)  # type: ignore[arg-type]
+
+
+def _texts(items: Sequence[str], what: str = "texts") -> list[str]:
+    """The texts given, or one per line of standard input for a lone '-'."""
     if list(items) == ["-"]:
         return [line.rstrip("\n") for line in sys.stdin]
+    if "-" in items:
+        raise InputError(f"'-' reads the {what} from standard input, one per line: give it alone, not among others")
     if not items:
-        raise InputError("give texts as arguments, or '-' to read one text per line from standard input")
+        raise InputError(f"give {what} as arguments, or '-' to read one per line from standard input")
     return list(items)
 
 
@@ -63,6 +90,7 @@ def _weights(value: str) -> list[float]:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
+    args.passages = _texts(args.passages, "passages")
     model = _model(args)
     pairs = [(args.query, p) for p in args.passages]
     scores = model.compute_score(
@@ -95,7 +123,18 @@ def cmd_info(args: argparse.Namespace) -> None:
         size = sum(f.bytes for f in info.files) / 1e6
         lines.append(f"  {name:5} {size:9.1f} MB  {info.precision}; for {', '.join(info.providers)}")
         if info.validation:
-            shown = ("dense_cos_min", "dense_max_abs", "sparse_max_abs", "colbert_max_abs", "sparse_top10_overlap")
+            shown = (
+                "dense_cos_min",
+                "dense_max_abs",
+                "sparse_max_abs",
+                "colbert_max_abs",
+                "sparse_top10_overlap",
+                "scores_max_abs",
+                "scores_sigmoid_max_abs",
+                "scores_spearman",
+                "scores_order_agreement",
+                "scores_top1_agreement",
+            )
             lines.append(
                 "        vs PyTorch: "
                 + ", ".join(f"{k} {info.validation[k]:.3g}" for k in shown if k in info.validation)
@@ -140,9 +179,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     model = None if args.package is None else _model(args, **threads)
     reranker = None
     if args.reranker is not None:
-        from .reranker import M3Reranker
-
-        reranker = M3Reranker(args.reranker, variant=args.variant, **threads)
+        reranker = _reranker(args.reranker, serving=True, variant=args.variant, **threads)
     config = ServerConfig(
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
@@ -160,9 +197,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_rerank(args: argparse.Namespace) -> None:
-    from .reranker import M3Reranker
-
-    reranker = M3Reranker(args.package, variant=args.variant, batch_size=args.batch_size, max_length=args.max_length)
+    args.passages = _texts(args.passages, "passages")
+    reranker = _reranker(
+        args.package, serving=False, variant=args.variant, batch_size=args.batch_size, max_length=args.max_length
+    )
     for ranked in reranker.rerank(args.query, args.passages, top_n=args.top_n, normalize=args.normalize):
         passage = args.passages[ranked.index]
         print(json.dumps({"index": ranked.index, "score": ranked.score, "passage": passage[:80]}, ensure_ascii=False))
@@ -215,7 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     score = sub.add_parser("score", help="all five scores of QUERY against each PASSAGE")
     common(score)
     score.add_argument("query")
-    score.add_argument("passages", nargs="+")
+    score.add_argument("passages", nargs="+", help="passages, or '-' for one passage per line on standard input")
     score.add_argument("--max-query-length", type=int, default=None)
     score.add_argument("--max-passage-length", type=int, default=None)
     score.add_argument("--weights", type=_weights, default=None, help="dense,sparse,colbert weights (default 1,1,1)")
@@ -225,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(rr)
     rr.set_defaults(batch_size=RERANK_BATCH_SIZE)  # FlagReranker's default, not the embedder's
     rr.add_argument("query")
-    rr.add_argument("passages", nargs="+")
+    rr.add_argument("passages", nargs="+", help="passages, or '-' for one passage per line on standard input")
     rr.add_argument("--max-length", type=int, default=None, help="tokens per pair (default 512, FlagReranker's)")
     rr.add_argument("--top-n", type=int, default=None, help="print only the best N")
     rr.add_argument("--normalize", action="store_true", help="sigmoid of the logit (0..1) instead of the raw logit")

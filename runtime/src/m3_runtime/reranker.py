@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .contract import SCORES, Variant
-from .engine import Engine, check_positive
+from .engine import Engine, check_positive, check_unicode
 from .errors import InputError, InputTypeError
 from .heads import sigmoid
 from .model import as_pairs
@@ -155,8 +155,13 @@ class M3Reranker:
         ``normalize``: sigmoid of the logits; ``None`` takes the constructor's setting."""
         if not isinstance(query, str):
             raise InputTypeError(f"query must be a str, got {type(query).__name__}")
+        check_unicode(query, "query")
         if isinstance(passages, str) or not isinstance(passages, Sequence):
             raise InputTypeError(f"passages must be a list of str, got {type(passages).__name__}")
+        for i, passage in enumerate(passages):
+            if not isinstance(passage, str):
+                raise InputTypeError(f"passages[{i}] is {type(passage).__name__}, expected str")
+            check_unicode(passage, f"passages[{i}]")
         if top_n is not None:
             check_positive(top_n, "top_n")
         scores = self.compute_score([(query, p) for p in passages], normalize=normalize) if passages else []
