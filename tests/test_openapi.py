@@ -65,6 +65,8 @@ def _response_schema(spec: dict, path: str, method: str, status: int) -> dict:
 
 def _check_response(spec: dict, path: str, method: str, res) -> None:
     schema = _response_schema(spec, path, method, res.status_code)
+    # The models' nested schemas are $refs into the document's components: resolve them there.
+    schema = {**schema, "components": spec["components"]}
     jsonschema.Draft202012Validator(schema).validate(res.json() if path != "/metrics" else res.text)
     assert res.headers["x-request-id"]
 
@@ -74,7 +76,15 @@ def test_document_is_openapi_31_with_valid_json_schemas(spec):
 
     assert spec["openapi"] == "3.1.0"
     assert set(spec["paths"]) == {
+        "/",
         "/v1/embeddings",
+        "/embeddings",
+        "/embed",
+        "/embed_sparse",
+        "/embed_all",
+        "/tokenize",
+        "/decode",
+        "/v1/models",
         "/encode",
         "/score",
         "/rerank",
@@ -108,8 +118,9 @@ def test_request_schemas_publish_the_server_limits_and_defaults(spec, live):
     encode = spec["paths"]["/encode"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     props = encode["properties"]
     assert encode["required"] == ["texts"]
-    assert props["texts"]["anyOf"][1]["maxItems"] == LIMITS["max_texts"]
-    assert props["texts"]["anyOf"][0]["maxLength"] == LIMITS["max_chars"]
+    assert props["texts"]["oneOf"][1]["maxItems"] == LIMITS["max_texts"]
+    assert props["texts"]["oneOf"][0]["maxLength"] == LIMITS["max_chars"]
+    assert encode["additionalProperties"] is False  # native endpoints refuse unknown fields
     assert props["max_length"]["maximum"] == service.model.max_length
     assert props["max_length"]["default"] == service.model.passage_max_length
     assert props["sparse_format"]["enum"] == ["dict", "indices"] and props["sparse_format"]["default"] == "dict"
@@ -156,6 +167,7 @@ def test_real_responses_match_the_document(live, spec, path, body, status):
     assert res.status_code == status, res.text
     _check_response(spec, path, "post", res)
     request = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    request = {**request, "components": spec["components"]}  # its $refs point there
     errors = list(jsonschema.Draft202012Validator(request).iter_errors(body))
     assert (not errors) == (status in (200, 400)), [e.message for e in errors]
     if status >= 400:
@@ -195,9 +207,21 @@ def test_unknown_paths_and_methods_answer_in_the_error_shape(live):
             422,
             "'weights[0]' must be a finite number",
         ),
-        ("/score", b'{"pairs": [["q", "p"]], "weights": [1.6e16, 1.7e308, 5e16]}', {}, 422, "'weights[0]' must be in"),
+        (
+            "/score",
+            b'{"pairs": [["q", "p"]], "weights": [1.6e16, 1.7e308, 5e16]}',
+            {},
+            422,
+            "'weights[0]' must be <= 1000000.0, got 1.6e+16",
+        ),
         ("/encode", b'{"texts": ["a"], "max_length": 1' + b"0" * 5000 + b"}", {}, 422, "not valid JSON"),
-        ("/encode", b'{"texts": ["a"], "max_length": 1' + b"0" * 400 + b"}", {}, 422, "'max_length' must be in 2.."),
+        (
+            "/encode",
+            b'{"texts": ["a"], "max_length": 1' + b"0" * 400 + b"}",
+            {},
+            422,
+            "'max_length' must be <= 8192, got 1000",
+        ),
         ("/encode", b'{"texts": ["a"], "max_length": 64.0}', {}, 200, ""),
         ("/encode", b'{"texts": ["a"], "max_length": 64.5}', {}, 422, "'max_length' must be int, got number"),
         ("/encode", b'{"texts": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}, 422, "nested too deeply"),
@@ -239,7 +263,11 @@ def _names_the_field(response, case) -> None:
     if not 400 <= status < 500:
         return
     error = response.json()["error"]
-    assert error["code"] == status and isinstance(error["message"], str)
+    if isinstance(error, str):  # text-embeddings-inference's shape, on its routes
+        assert response.json()["error_type"] in ("Validation", "Empty", "Overloaded", "Unhealthy", "Backend")
+        error = {"message": error}
+    else:
+        assert error["code"] == status and isinstance(error["message"], str)
     if status in _FIELDLESS:
         return
     body = case.operation.definition.raw.get("requestBody", {})
@@ -323,20 +351,3 @@ def test_fuzz_every_endpoint_with_schemathesis(live, capsys):
     assert total >= 10 * len(sent)
     assert not any(s.startswith("5") for s in statuses), metrics
     assert statuses.get("200", 0) >= total // 10  # the generated requests do reach the model
-
-
-@pytest.mark.parametrize(
-    "schema",
-    [
-        {"type": "string", "pattern": "^a"},
-        {"type": "array", "items": {"type": "string", "format": "email"}},
-        {"anyOf": [{"type": "string"}, {"type": "array", "uniqueItems": True}]},
-        {"type": "object", "properties": {"text": {"type": "string", "minLength": 1}}},
-    ],
-)
-def test_a_keyword_the_parser_does_not_enforce_cannot_be_declared(schema):
-    """The published schema promises only what ``check`` enforces (Service runs this on every declaration)."""
-    from m3_runtime.server import enforced
-
-    with pytest.raises(ValueError, match="does not enforce"):
-        enforced(schema, "field")

@@ -150,7 +150,7 @@ def test_client_that_disconnects_while_queued_has_its_work_dropped(held):
     )
     assert _ids(model, "gone before its turn") not in recorder.rows  # never reached the model
     metrics = httpx.get(url + "/metrics").text
-    assert 'm3_requests_total{path="/encode",status="499"} 1' in metrics
+    assert 'm3_requests_total{path="/encode",status="499"} 1.0' in metrics
     assert service.scheduler.queued_texts == 0
 
 
@@ -254,7 +254,9 @@ def _arrived(url: str, n: int, queued: int) -> bool:
     at least ``queued`` of them wait in the queue."""
     text = httpx.get(url + "/metrics", timeout=10).text
     done = sum(
-        int(line.split()[-1]) for line in text.splitlines() if line.startswith('m3_requests_total{path="/encode"')
+        int(float(line.split()[-1]))
+        for line in text.splitlines()
+        if line.startswith('m3_requests_total{path="/encode"')
     )
     waiting = _metric(url, "m3_queue_texts")
     return done + waiting >= n - 1 and waiting >= queued

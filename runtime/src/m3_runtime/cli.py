@@ -365,6 +365,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(sub)
 
+    chk = sub.add_parser(
+        "check",
+        help="run the package's variants on this machine's providers against the reference outputs stored at "
+        "export; exit status 0 only if every one PASSes",
+    )
+    chk.add_argument("package")
+    chk.add_argument("--variants", default=None, help="comma-separated (default: the package's)")
+    chk.add_argument(
+        "--providers",
+        default=None,
+        help="comma-separated ONNX Runtime providers, e.g. TensorrtExecutionProvider,CUDAExecutionProvider "
+        "(default: those of TensorRT, CUDA and the CPU this ONNX Runtime has, each variant on those it is built for)",
+    )
+    chk.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    chk.set_defaults(func=cmd_check)
+
     info = sub.add_parser("info", help="show the package manifest and the providers available")
     info.add_argument("package")
     info.set_defaults(func=cmd_info)

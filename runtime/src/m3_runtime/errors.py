@@ -31,4 +31,8 @@ class RunError(M3Error, RuntimeError):
 
 
 class Overloaded(M3Error):
-    """More work is waiting than the scheduler accepts, or it is shutting down."""
+    """More work is waiting than the scheduler accepts (try again shortly)."""
+
+
+class ShuttingDown(Overloaded):
+    """The scheduler is closing and takes no more work."""

@@ -42,10 +42,8 @@ import numpy as np
 
 from .batching import pad_batch, take_batch
 from .engine import Batch, Engine
-from .errors import Overloaded
+from .errors import Overloaded, ShuttingDown
 from .heads import TextOutput, split_batch
-
-BATCH_TEXT_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 def lower_thread_priority(nice: int) -> None:
@@ -60,35 +58,11 @@ def lower_thread_priority(nice: int) -> None:
         pass
 
 
-class Histogram:
-    """Fixed Prometheus-style buckets: counts stay a few integers whatever the uptime."""
-
-    def __init__(self, bounds: Sequence[float]) -> None:
-        self.bounds = tuple(bounds)
-        self.counts = [0] * (len(self.bounds) + 1)
-        self.sum = 0.0
-
-    def observe(self, value: float) -> None:
-        self.counts[next((i for i, b in enumerate(self.bounds) if value <= b), len(self.bounds))] += 1
-        self.sum += value
-
-    def lines(self, name: str, labels: str = "") -> list[str]:
-        """Exposition lines: cumulative ``_bucket``s, ``_sum`` and ``_count``."""
-        sep = "," if labels else ""
-        out, total = [], 0
-        for bound, count in zip((*(f"{b:g}" for b in self.bounds), "+Inf"), self.counts, strict=True):
-            total += count
-            out.append(f'{name}_bucket{{{labels}{sep}le="{bound}"}} {total}')
-        suffix = f"{{{labels}}}" if labels else ""
-        return [*out, f"{name}_sum{suffix} {self.sum:.6f}", f"{name}_count{suffix} {total}"]
-
-
 @dataclass
 class Stats:
     batches: int = 0
     texts: int = 0
     tokens: int = 0
-    batch_texts: Histogram = field(default_factory=lambda: Histogram(BATCH_TEXT_BUCKETS))
 
 
 @dataclass(eq=False)
@@ -112,7 +86,9 @@ class Scheduler:
         workers: int = 1,
         long_nice: int = 10,
         long_share: float = 0.5,
+        on_batch: Callable[[int, int], None] | None = None,
     ) -> None:
+        """``on_batch(texts, tokens)`` is called after each finished forward pass (the server's metrics)."""
         self.max_queue = max_queue
         self.max_wait = max_wait_ms / 1000
         self.starve_s = starve_s
@@ -121,6 +97,7 @@ class Scheduler:
         self.pending: list[_Item] = []
         self.queued_texts = 0  # items waiting, plus texts being tokenized
         self.stats = Stats()
+        self.on_batch = on_batch
         self._wake = asyncio.Event()
         # With several workers: ``workers`` lane threads at the server's priority take
         # the short passes, and ``workers - 1`` threads ``long_nice`` steps nicer take the
@@ -160,7 +137,7 @@ class Scheduler:
 
     def _reserve(self, n: int) -> None:
         if self._closing:
-            raise Overloaded("server is shutting down")
+            raise ShuttingDown("server is shutting down")
         if self.queued_texts + n > self.max_queue:
             raise Overloaded(f"{self.queued_texts} texts already queued (limit {self.max_queue})")
         self.queued_texts += n
@@ -320,8 +297,10 @@ class Scheduler:
             self._finished(pool)
             self.stats.batches += 1
             self.stats.texts += len(items)
-            self.stats.tokens += sum(len(i.ids) for i in items)
-            self.stats.batch_texts.observe(len(items))
+            tokens = sum(len(i.ids) for i in items)
+            self.stats.tokens += tokens
+            if self.on_batch is not None:
+                self.on_batch(len(items), tokens)
             for item, out in zip(items, outs, strict=True):
                 if not item.future.done():
                     item.future.set_result(out)

@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer
 
@@ -149,6 +150,31 @@ class M3Tokenizer:
                 f"the tokenizer's pair template is not <specials> A <specials> B <specials>: {joined.tokens}"
             )
         return ids[: a[0]], ids[a[-1] + 1 : b[0]], ids[b[-1] + 1 :]
+
+    def tokens(self, texts: Sequence[str], *, add_special_tokens: bool = True) -> list[list[dict[str, Any]]]:
+        """Per text, each token's ``{id, text, special, start, stop}`` (character offsets into
+        the text; ``None`` for a special token), the shape of text-embeddings-inference's /tokenize."""
+        out = []
+        for text, enc in zip(
+            texts, self._tok.encode_batch(list(texts), add_special_tokens=add_special_tokens), strict=True
+        ):
+            row = []
+            for token_id, (start, stop), special in zip(enc.ids, enc.offsets, enc.special_tokens_mask, strict=True):
+                row.append(
+                    {
+                        "id": token_id,
+                        "text": text[start:stop] if not special else self._tok.id_to_token(token_id),
+                        "special": bool(special),
+                        "start": None if special else start,
+                        "stop": None if special else stop,
+                    }
+                )
+            out.append(row)
+        return out
+
+    def decode(self, ids: Sequence[Sequence[int]], *, skip_special_tokens: bool = True) -> list[str]:
+        """The text of each list of ids (``tokenizers``' decode)."""
+        return list(self._tok.decode_batch([list(row) for row in ids], skip_special_tokens=skip_special_tokens))
 
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
