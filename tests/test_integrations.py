@@ -494,6 +494,53 @@ def test_qdrant_point_ids(qdrant, model):
         qd.points_from_table(pa.table({"id": [1], "sparse_indices": [[7, 3, 7]], "sparse_values": [[1.0, 1.0, 1.0]]}))
 
 
+def test_qdrant_refuses_points_without_an_output_the_collection_expects(qdrant, model, parquet):
+    """A dense-only point in a hybrid collection is stored and never found by the hybrid
+    query; building it is an error unless the caller asks for fewer outputs."""
+    from m3_runtime.integrations import qdrant as qd
+
+    dense_only = model.encode_corpus(["only dense here"])
+    with pytest.raises(ValueError, match=r"row 0 \(id 9\) has no sparse output.* pass outputs=\('dense',\)"):
+        qd.points_from_encode([9], dense_only)
+    with_sparse = model.encode_corpus(["only dense here"], return_sparse=True)
+    with pytest.raises(ValueError, match=r"row 0 \(id 'a'\) has no colbert output.*return_colbert_vecs=True"):
+        qd.points_from_encode(["a"], with_sparse)
+    no_colbert = parquet.select(["id", "dense", "sparse_indices", "sparse_values"])
+    first_id = no_colbert.column("id")[0].as_py()
+    with pytest.raises(ValueError, match=rf"row 0 \(id {first_id!r}\) has no colbert output.*colbert column"):
+        qd.points_from_table(no_colbert)
+    with pytest.raises(ValueError, match="outputs must be a non-empty list of dense, sparse, colbert"):
+        qd.points_from_encode([9], dense_only, outputs=("dense", "bm25"))  # type: ignore[arg-type]
+
+    # Asked for explicitly: built with what is there, and only the named vectors asked for.
+    qd.create_collection(qdrant, "partial", dim=model.hidden_size)
+    full = model.encode_corpus(["another text entirely"], return_sparse=True, return_colbert_vecs=True)
+    point = qd.points_from_encode([10], full, outputs=("dense", "sparse"))[0]
+    assert set(point.vector) == {"dense", "sparse"}
+    qdrant.upsert("partial", qd.points_from_encode([9], dense_only, outputs=("dense",)))
+    qdrant.upsert("partial", qd.points_from_encode([10], full))
+    q = model.encode_queries("only dense here", return_sparse=True, return_colbert_vecs=True)
+    assert [p.id for p in qd.query_hybrid(qdrant, "partial", q, limit=10)] == [10]  # why the default refuses
+    assert {p.id for p in qdrant.query_points("partial", query=q["dense_vecs"].tolist(), using="dense").points} == {
+        9,
+        10,
+    }
+
+
+def test_milvus_refuses_rows_without_an_output_the_collection_expects(milvus, model):
+    from m3_runtime.integrations import milvus as mv
+
+    dense_only = model.encode_corpus(["only dense here", "and here"])
+    with pytest.raises(ValueError, match=r"row 0 \(id 'x'\) has no sparse output.*outputs=\('dense',\)"):
+        mv.rows_from_encode(["x", "y"], dense_only)
+    rows = mv.rows_from_encode([5, 6], dense_only, outputs=("dense",))
+    assert [sorted(r) for r in rows] == [["dense", "id"], ["dense", "id"]]
+    mv.create_collection(milvus, "dense_only", dim=model.hidden_size, sparse=False)
+    milvus.insert("dense_only", rows)
+    hits = milvus.search("dense_only", data=[dense_only["dense_vecs"][1]], anns_field="dense", limit=1)
+    assert hits[0][0]["id"] == 6
+
+
 # -- LangChain -----------------------------------------------------------------------
 
 

@@ -157,6 +157,44 @@ def from_table(table: Any, *, id_column: str = "id") -> Outputs:
     return Outputs(ids=ids, dense=dense, sparse=sparse, colbert=colbert)
 
 
+# Where each output comes from, for the message when it is missing.
+_ASK = {
+    "dense": "return_dense=True (encode) or the dense column (embed-corpus --outputs dense)",
+    "sparse": "return_sparse=True (encode) or the sparse_indices/sparse_values columns (--outputs sparse)",
+    "colbert": "return_colbert_vecs=True (encode) or the colbert column (--outputs colbert)",
+}
+
+
+def select(out: Outputs, outputs: Sequence[str], *, allowed: tuple[str, ...], what: str) -> Outputs:
+    """``out`` with only ``outputs`` (the vectors the collection holds), each of them present.
+
+    A row without a vector its collection expects is stored, and then never found by the
+    searches on that vector (a dense-only point in a hybrid collection), so a missing
+    output is an error naming the first row's id; the caller asks for fewer outputs
+    explicitly (``outputs=("dense",)``) to build such rows."""
+    if isinstance(outputs, str) or not isinstance(outputs, Sequence):
+        raise TypeError(f"outputs must be a list of {', '.join(allowed)}, got {outputs!r}")
+    chosen = list(dict.fromkeys(outputs))
+    unknown = [o for o in chosen if o not in allowed]
+    if unknown or not chosen:
+        raise ValueError(f"outputs must be a non-empty list of {', '.join(allowed)}, got {list(outputs)!r}")
+    have = {"dense": out.dense, "sparse": out.sparse, "colbert": out.colbert}
+    for name in chosen:
+        if have[name] is None and len(out):
+            raise ValueError(
+                f"row 0 (id {out.ids[0]!r}) has no {name} output, which the collection's {what} expect "
+                f"(outputs={tuple(chosen)!r}): without it the row is never found by {name} search. Give it "
+                f"with {_ASK[name]}, or pass outputs={tuple(o for o in chosen if have[o] is not None)!r} "
+                "to store the rows without it"
+            )
+    return Outputs(
+        ids=out.ids,
+        dense=out.dense if "dense" in chosen else None,
+        sparse=out.sparse if "sparse" in chosen else None,
+        colbert=out.colbert if "colbert" in chosen else None,
+    )
+
+
 def payload_list(payloads: Sequence[Mapping[str, Any]] | None, n: int) -> list[dict[str, Any]]:
     if payloads is None:
         return [{} for _ in range(n)]

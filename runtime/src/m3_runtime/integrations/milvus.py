@@ -56,13 +56,15 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from ._common import MAX_SPARSE_INDEX, Outputs, from_encode, from_table, lexical_arrays, load_model, missing
+from ._common import MAX_SPARSE_INDEX, Outputs, from_encode, from_table, lexical_arrays, load_model, missing, select
 
 if TYPE_CHECKING:
     from ..model import M3Model
 
 EmptySparse = Literal["error", "placeholder"]
 IdType = Literal["int64", "varchar"]
+Output = Literal["dense", "sparse"]
+ALL_OUTPUTS: tuple[Output, ...] = ("dense", "sparse")
 
 PLACEHOLDER_INDEX = MAX_SPARSE_INDEX
 PLACEHOLDER_WEIGHT = 1.0
@@ -188,7 +190,9 @@ def _rows(
     id_field: str,
     dense_field: str,
     sparse_field: str,
+    outputs: Sequence[Output],
 ) -> list[dict[str, Any]]:
+    out = select(out, outputs, allowed=ALL_OUTPUTS, what="vector fields")
     if empty_sparse not in ("error", "placeholder"):
         raise ValueError(f"empty_sparse must be 'error' or 'placeholder', got {empty_sparse!r}")
     n = len(out)
@@ -228,8 +232,14 @@ def rows_from_encode(
     id_field: str = "id",
     dense_field: str = "dense",
     sparse_field: str = "sparse",
+    outputs: Sequence[Output] = ALL_OUTPUTS,
 ) -> list[dict[str, Any]]:
     """Rows for ``client.insert`` from ``M3Model.encode(...)`` output (``return_sparse=True`` for the sparse field).
+
+    ``outputs``: the vector fields the collection holds (default both, as
+    :func:`create_collection` makes it); each must be in ``output``, or a ``ValueError``
+    names the row's id and the missing output. Pass ``outputs=("dense",)`` for a
+    dense-only collection.
 
     Dense vectors go in as float32 arrays (pymilvus takes them as they are), sparse ones
     as ``{token_id: weight}`` with ascending ids. ``payloads``: extra fields per row (the
@@ -242,6 +252,7 @@ def rows_from_encode(
         id_field=id_field,
         dense_field=dense_field,
         sparse_field=sparse_field,
+        outputs=outputs,
     )
 
 
@@ -254,8 +265,11 @@ def rows_from_table(
     id_field: str = "id",
     dense_field: str = "dense",
     sparse_field: str = "sparse",
+    outputs: Sequence[Output] = ALL_OUTPUTS,
 ) -> list[dict[str, Any]]:
     """Rows from an ``m3 embed-corpus`` output (a pyarrow Table or RecordBatch read from its Parquet).
+
+    ``outputs``: as :func:`rows_from_encode`.
 
     Columns ``dense`` and ``sparse_indices``/``sparse_values`` become the vector fields,
     ``payload_columns`` (e.g. ``("tokens",)``) plain fields. Read big files in batches:
@@ -275,6 +289,7 @@ def rows_from_table(
         id_field=id_field,
         dense_field=dense_field,
         sparse_field=sparse_field,
+        outputs=outputs,
     )
 
 

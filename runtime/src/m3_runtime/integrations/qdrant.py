@@ -52,10 +52,12 @@ from typing import Any, Literal
 
 import numpy as np
 
-from ._common import Outputs, from_encode, from_table, lexical_arrays, missing
+from ._common import Outputs, from_encode, from_table, lexical_arrays, missing, select
 
 Distance = Literal["dot", "cosine"]
 ColbertDtype = Literal["float32", "float16"]
+Output = Literal["dense", "sparse", "colbert"]
+ALL_OUTPUTS: tuple[Output, ...] = ("dense", "sparse", "colbert")
 
 # Fixed, so a string id maps to the same UUID in every process and every run.
 ID_NAMESPACE = uuid.UUID("6f1c1c56-3c57-4bd2-a2ad-9f3f2f1b3b6e")
@@ -151,8 +153,10 @@ def _points(
     dense_name: str,
     sparse_name: str,
     colbert_name: str,
+    outputs: Sequence[Output],
 ) -> list[Any]:
     models = _models()
+    out = select(out, outputs, allowed=ALL_OUTPUTS, what="named vectors")
     if colbert_dtype not in ("float32", "float16"):
         raise ValueError(f"colbert_dtype must be 'float32' or 'float16', got {colbert_dtype!r}")
     n = len(out)
@@ -188,10 +192,15 @@ def points_from_encode(
     dense_name: str = "dense",
     sparse_name: str = "sparse",
     colbert_name: str = "colbert",
+    outputs: Sequence[Output] = ALL_OUTPUTS,
 ) -> list[Any]:
     """``models.PointStruct`` s for ``client.upsert`` from ``M3Model.encode(...)`` output.
 
-    Each output asked of ``encode`` becomes its named vector. ``colbert_dtype="float16"``
+    ``outputs``: the named vectors the collection holds (default all three, as
+    :func:`create_collection` makes it); each must be in ``output``, or a ``ValueError``
+    names the row's id and the missing output (a point without its sparse or ColBERT
+    vector is stored, and never found by the hybrid search). Pass fewer, e.g.
+    ``outputs=("dense",)``, to build points with only those. ``colbert_dtype="float16"``
     for a collection created with it. ``id_key``: the payload key of the original id
     (``None``: none).
     """
@@ -203,6 +212,7 @@ def points_from_encode(
         dense_name=dense_name,
         sparse_name=sparse_name,
         colbert_name=colbert_name,
+        outputs=outputs,
     )
 
 
@@ -216,11 +226,13 @@ def points_from_table(
     dense_name: str = "dense",
     sparse_name: str = "sparse",
     colbert_name: str = "colbert",
+    outputs: Sequence[Output] = ALL_OUTPUTS,
 ) -> list[Any]:
     """Points from an ``m3 embed-corpus`` output (a pyarrow Table or RecordBatch read from its Parquet).
 
     ``dense``, ``sparse_indices``/``sparse_values`` and ``colbert`` (float32 or float16)
-    become the named vectors, ``payload_columns`` payload keys.
+    become the named vectors, ``payload_columns`` payload keys. ``outputs``: as
+    :func:`points_from_encode` (a missing column is an error unless left out there).
     """
     payloads = None
     if payload_columns:
@@ -237,6 +249,7 @@ def points_from_table(
         dense_name=dense_name,
         sparse_name=sparse_name,
         colbert_name=colbert_name,
+        outputs=outputs,
     )
 
 
