@@ -48,7 +48,7 @@ def test_export_and_runtime_commands_end_to_end(tmp_path, package_dir):
     res = run(str(BIN / "m3-export"), str(CHECKPOINT), str(out), "--variants", "fp32,int8")
     assert res.returncode == 0, res.stderr
     assert (
-        "[1/5] loading" in res.stderr
+        "[1/6] loading" in res.stderr
         and "fusions:" in res.stderr
         and "fp32 vs PyTorch" in res.stderr
         and "int8 vs PyTorch" in res.stderr
@@ -60,6 +60,7 @@ def test_export_and_runtime_commands_end_to_end(tmp_path, package_dir):
             "model.fp32.onnx.data",
             "model.int8.onnx",
             "model.int8.onnx.data",
+            "reference.npz",
             "tokenizer.json",
             "tokenizer_config.json",
             "special_tokens_map.json",

@@ -17,6 +17,7 @@ from m3_runtime.contract import (
     M3_KIND,
     MANIFEST_NAME,
     PROVIDERS_FOR_VARIANT,
+    REFERENCE_FILE,
     RERANKER_KIND,
     TOKENIZER_FILE,
     VARIANTS,
@@ -43,6 +44,7 @@ from .checkpoint import (
 )
 from .fusion import FLASH_MIN_TOKENS
 from .graphs import ExportError
+from .reference import record_int8_check, torch_references, write_references
 from .specs import find_spec
 from .texts import RERANK_PAIRS, VALIDATION_TEXTS, calibration_pairs, calibration_paragraphs
 
@@ -219,7 +221,7 @@ def export_package(
     if not 2 <= max_length <= limit:
         raise ValueError(f"--max-length must be in 2..{limit} for {src} (max_position_embeddings), got {max_length}")
 
-    steps = _Steps(3 + validate_variants + ("fp16" in variants) + ("int8" in variants), say)
+    steps = _Steps(4 + validate_variants + ("fp16" in variants) + ("int8" in variants), say)
     work = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -243,9 +245,10 @@ def export_package(
                 return tokenizer.encode(calibration_paragraphs(30) + list(VALIDATION_TEXTS), 128)
 
         fp32 = work / graph_file("fp32")
-        reference = _export_from_torch(
-            ckpt, work, variants, ids, special, steps, opset, max_length, validate_variants, outputs
+        reference, probe_outputs = _export_from_torch(
+            ckpt, work, variants, ids, special, steps, opset, max_length, validate_variants, outputs, tokenizer
         )
+        write_references(work / REFERENCE_FILE, probe_outputs)
 
         infos: dict[str, VariantInfo] = {}
         for variant in VARIANTS:  # fp32 first: fp16 and int8 are judged beside it
@@ -312,7 +315,7 @@ def export_package(
             model_kind=ckpt.kind,
             source={
                 "id": src,
-                "path": str(ckpt.path),
+                "path": ckpt.path.name,  # the folder's name: a package travels to other machines
                 "revision": ckpt.revision,
                 "weights_sha256": ckpt.weight_hashes(),
             },
@@ -329,10 +332,13 @@ def export_package(
             pooling=ckpt.pooling,
             normalize=ckpt.normalize,
             query_instruction=query_instruction or None,
+            references=file_entry(work, work / REFERENCE_FILE),
         )
         (work / MANIFEST_NAME).write_text(
             json.dumps(manifest.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
+        if "int8" in infos:
+            manifest = record_int8_check(work, manifest, say)
         follow_umask(work)
         if out.exists():
             shutil.rmtree(out)  # only reached with force (checked above)
@@ -414,8 +420,10 @@ def _export_from_torch(
     max_length: int,
     run_reference: bool,
     outputs: tuple[str, ...],
-) -> validate.Outputs | validate.Scores | None:
-    """The PyTorch part: load, reference outputs, fp32 and fp16 graphs. The model is freed on return."""
+    tokenizer: M3Tokenizer,
+) -> tuple[validate.Outputs | validate.Scores | None, dict]:
+    """The PyTorch part: load, validation outputs, the probes' reference outputs for
+    ``m3 check`` (``reference``), fp32 and fp16 graphs. The model is freed on return."""
     with steps(f"loading {ckpt.source} in PyTorch"):
         # The separator (eos; BERT's [SEP]) marks where a BERT reranker's second segment starts.
         model = load_torch_model(ckpt, sep_id=special.eos)
@@ -427,6 +435,8 @@ def _export_from_torch(
         else:
             with steps("running PyTorch on the validation texts"):
                 reference = validate.torch_outputs(model, ids, special.pad)
+    with steps(f"running PyTorch on the probes m3 check compares with (one at {max_length} tokens)"):
+        probe_outputs = torch_references(model, ckpt.kind, tokenizer, special, max_length)
     with steps(f"exporting fp32 (opset {opset}, dynamic batch and sequence <= {max_length})"):
         graphs.export_graph(model, work / graph_file("fp32"), opset=opset, max_length=max_length, outputs=outputs)
     with steps("fusing fp32 for CPU (MultiHeadAttention with a flash path, SkipLayerNorm, BiasGelu)"):
@@ -435,7 +445,7 @@ def _export_from_torch(
     if "fp16" in variants:
         with steps("exporting fp16"):
             graphs.export_fp16(model, work / graph_file("fp16"), opset=opset, max_length=max_length, outputs=outputs)
-    return reference
+    return reference, probe_outputs
 
 
 def _size(info: VariantInfo) -> str:

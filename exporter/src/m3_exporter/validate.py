@@ -31,10 +31,11 @@ from pathlib import Path
 
 import numpy as np
 from m3_runtime.batching import pad_batch
+from m3_runtime.check import FP32_TOLERANCE as FP32_TOLERANCE  # shared with m3 check
 from m3_runtime.contract import COLBERT, CPU, DENSE, INPUT_NAMES, SCORES, SPARSE
 from m3_runtime.scoring import colbert_score, lexical_weights
+from m3_runtime.testing import spearman
 
-FP32_TOLERANCE = 1e-4
 BATCH = 8
 
 
@@ -197,28 +198,6 @@ def onnx_scores(graph: Path, ids: Sequence[list[int]], pad_id: int) -> Scores:
         return session.run([SCORES], {INPUT_NAMES[0]: input_ids, INPUT_NAMES[1]: mask})[0]
 
     return _collect_scores(ids, run, pad_id)
-
-
-def _ranks(x: np.ndarray) -> np.ndarray:
-    """Ranks 0..n-1 in float64, ties given their mean rank (Spearman's convention)."""
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x), np.float64)
-    ranks[order] = np.arange(len(x), dtype=np.float64)
-    for value in np.unique(x):
-        tied = x == value
-        if tied.sum() > 1:
-            ranks[tied] = ranks[tied].mean()
-    return ranks
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rank correlation; 1.0 when either side is constant and both are (nothing to order)."""
-    ra, rb = _ranks(np.asarray(a, np.float64)), _ranks(np.asarray(b, np.float64))
-    da, db = ra - ra.mean(), rb - rb.mean()
-    den = float(np.sqrt((da * da).sum() * (db * db).sum()))
-    if den == 0:
-        return 1.0 if (da == 0).all() and (db == 0).all() else 0.0
-    return float((da * db).sum() / den)
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
@@ -158,29 +159,50 @@ def cmd_info(args: argparse.Namespace) -> None:
     lines.append("built with   " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
     lines.append(f"providers    {', '.join(providers)} (this ONNX Runtime)")
     lines.append(f"default      {default_variant(list(m.variants), providers)} on this machine")
+    from .check import provider_in_use
+
+    used, why = provider_in_use(package, default_variant(list(m.variants), providers))
+    lines.append(f"in use       {used}" + (f" ({'; '.join(why)})" if why else ""))
+    lines.append(
+        "references   "
+        + (
+            f"{m.references.path} ({m.references.bytes / 1e6:.2f} MB): m3 check {package.root} compares with them"
+            if m.references is not None
+            else "none (exported before m3 check): m3 check compares the variants with fp32 here"
+        )
+    )
     print("\n".join(lines))
 
 
-def cmd_serve(args: argparse.Namespace) -> None:
-    from .server import ServerConfig, check_port, serve
-    from .server.flags import named
+def cmd_check(args: argparse.Namespace) -> int:
+    from .check import check_package, parse_list
 
-    if args.env_errors:
-        raise InputError(args.env_errors[0])
+    def progress(row) -> None:  # one line per row on stderr while the others run
+        print(f"m3 check: {row.variant} on {row.provider}: {row.status} ({row.seconds:.1f} s)", file=sys.stderr)
+
+    report = check_package(
+        args.package,
+        variants=parse_list(args.variants, "--variants") if args.variants else None,
+        providers=parse_list(args.providers, "--providers") if args.providers else None,
+        progress=progress,
+    )
+    print(report.to_json() if args.json else report.table())
+    return 0 if report.passed else 1
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from .server import ServerConfig, serve
+
     if args.request_timeout_s < 0:
-        raise InputError(
-            f"{named('request_timeout_s', '--request-timeout-s')} must be >= 0 (0: no limit), "
-            f"got {args.request_timeout_s:g}"
-        )
+        raise InputError(f"--request-timeout-s must be >= 0 (0: no limit), got {args.request_timeout_s:g}")
     for name in ("workers", "max_queue", "max_texts", "max_chars", "max_body_bytes", "drain_timeout_s"):
         if getattr(args, name) < 1:
-            raise InputError(f"{named(name, '--' + name.replace('_', '-'))} must be >= 1, got {getattr(args, name)}")
-    api_key = args.api_key
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("M3_API_KEY")
     if api_key is not None and not api_key.strip():
         raise InputError("the API key (--api-key or M3_API_KEY) is empty: give a key, or unset it for no auth")
     if args.package is None and args.reranker is None:
-        raise InputError("m3 serve needs an embedding package (or M3_PACKAGE), --reranker PACKAGE, or both")
-    check_port(args.host, args.port)  # before the models load, which takes a while
+        raise InputError("m3 serve needs an embedding package, --reranker PACKAGE, or both")
     threads = {"max_batch_tokens": args.max_batch_tokens, "intra_op_threads": args.intra_op_threads}
     model = None if args.package is None else _model(args, **threads)
     reranker = None
@@ -278,10 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="HTTP server with dynamic batching (needs m3-runtime[server])")
     common(srv, optional=True)
     srv.add_argument("--reranker", default=None, help="a reranker package to serve next to (or instead of) PACKAGE")
-    srv.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface; see --api-key)"
-    )
-    srv.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
     defaults = {f.name: f.default for f in fields(ServerConfig)}
     srv.add_argument(
         "--max-batch-tokens",
@@ -331,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key",
         default=None,
         help="require 'Authorization: Bearer KEY' on every endpoint but /health and /openapi.json "
-        "(an environment variable, unlike a flag, is not shown to other users by ps; unset: no auth)",
+        "(default: the M3_API_KEY environment variable, which other users cannot read in ps; unset: no auth)",
     )
     srv.add_argument(
         "--log-texts", action="store_true", help="put request texts into the access log (default: counts only)"
@@ -343,9 +363,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM, seconds to finish in-flight and queued requests before exiting",
     )
     srv.set_defaults(func=cmd_serve)
-    from .server.flags import from_environment
-
-    from_environment(srv)  # every flag also from M3_<FLAG>, shown in --help
 
     corpus = sub.add_parser("embed-corpus", help="embed Parquet/JSONL files with Ray Data (needs m3-runtime[ray])")
     corpus.add_argument("package")
@@ -407,11 +424,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     args = sub.choices[args.command].parse_intermixed_args(argv[argv.index(args.command) + 1 :])
     try:
-        args.func(args)
+        code = args.func(args)
     except (M3Error, ImportError, OSError) as exc:  # the runtime's deliberate errors; anything else is a bug
         print(f"m3: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return code if isinstance(code, int) else 0  # m3 check: 1 unless everything asked for passed
 
 
 if __name__ == "__main__":

@@ -30,6 +30,8 @@ from .errors import M3Error
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
+# PyTorch fp32 outputs of fixed probes, stored at export for `m3 check` (references.py).
+REFERENCE_FILE = "reference.npz"
 
 INPUT_NAMES: tuple[str, ...] = ("input_ids", "attention_mask")
 DENSE = "dense_vecs"
@@ -130,6 +132,9 @@ class VariantInfo:
     # int8 rounding can turn into 1e-3, so the runtime pads only texts up to this length
     # and batches longer ones with texts of their own length. None: one kernel only.
     flash_min_tokens: int | None = None
+    # m3 check's measures of this variant on the export machine's CPU against the stored
+    # references (int8 only): m3 check elsewhere holds it to be no worse, within a margin.
+    at_export: dict[str, float] = field(default_factory=dict)
 
     @property
     def graph(self) -> str:
@@ -168,6 +173,8 @@ class Manifest:
     pooling: str = "cls"  # dense = normalize?(pool(h)): "cls" h[:, 0], "mean" masked mean of h
     normalize: bool = True
     query_instruction: str | None = None  # prepended by encode_queries
+    # The reference outputs file (REFERENCE_FILE); None in packages written before them.
+    references: FileEntry | None = None
 
     @property
     def kind(self) -> ModelKind:
@@ -206,6 +213,7 @@ class Manifest:
                     validation={k: float(v) for k, v in raw.get("validation", {}).items()},
                     dynamic_activations=bool(raw.get("dynamic_activations", False)),
                     flash_min_tokens=(None if raw.get("flash_min_tokens") is None else int(raw["flash_min_tokens"])),
+                    at_export={k: float(v) for k, v in raw.get("at_export", {}).items()},
                 )
             return cls(
                 format_version=int(version),
@@ -224,6 +232,7 @@ class Manifest:
                 pooling=str(data.get("pooling", "cls")),
                 normalize=bool(data.get("normalize", True)),
                 query_instruction=data.get("query_instruction"),
+                references=None if data.get("references") is None else FileEntry(**data["references"]),
             )
         except KeyError as exc:
             raise ManifestError(f"manifest is missing the field {exc.args[0]!r}") from None

@@ -15,6 +15,7 @@ reranker facade and the server's scheduler.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .batching import pad_batch, plan_batches
-from .contract import INPUT_NAMES, TOKENIZER_FILE, ModelKind, SpecialTokens, Variant
+from .contract import INPUT_NAMES, TOKENIZER_FILE, ModelKind, SpecialTokens, Variant, VariantInfo
 from .errors import InputError, RunError, UnsupportedOutput
 from .package import Package, PackageError, load_package
 from .session import (
@@ -75,6 +76,14 @@ def check_unicode(text: str, name: str) -> None:
         raise InputError(
             f"{name} is not valid Unicode: lone surrogate U+{ord(text[exc.start]):04X} at character {exc.start}"
         ) from None
+
+
+def variant_cache_key(info: VariantInfo) -> str:
+    """Cache folder of a package variant (TensorRT engines): its name and a hash of all
+    its files' SHA-256. The graph's alone would not do: re-exported weights of the same
+    architecture leave the graph file unchanged and change only the data file."""
+    digest = hashlib.sha256("".join(sorted(f.sha256 for f in info.files)).encode()).hexdigest()
+    return f"{info.name}-{digest[:16]}"
 
 
 @dataclass(frozen=True)
@@ -149,15 +158,20 @@ class Engine:
         config = SessionConfig(
             max_length=self.max_length,
             trt_max_batch=min(batch_size, 32),
+            batch_tokens=max_batch_tokens or GPU_BATCH_TOKENS,
             device_id=device_id,
             cache_dir=cache_root,
             intra_op_threads=intra_op_threads,
             allow_spinning=allow_spinning,
         )
         graph = self.package.graph_path(self.variant)
-        cache_key = next(f.sha256[:16] for f in info.files if f.path == info.graph)
+        cache_key = variant_cache_key(info)
+        # Why a provider asked for is not in use (one message per fallback; m3 check shows them).
+        self.fallbacks: list[str] = []
         self.session: onnxruntime.InferenceSession
-        self.session, self.providers = create_session(graph, wanted, config, cache_key=cache_key)
+        self.session, self.providers = create_session(
+            graph, wanted, config, cache_key=cache_key, fallbacks=self.fallbacks
+        )
         if TENSORRT in self.providers:  # stay inside the TensorRT shape profile
             self.rows_cap = min(self.rows_cap or config.trt_max_batch, config.trt_max_batch)
         self._check_graph(graph)

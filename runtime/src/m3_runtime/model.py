@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +20,9 @@ from .contract import COLBERT, DENSE, SPARSE, Variant
 from .engine import DEFAULT_BATCH_SIZE, Engine, check_positive, check_unicode
 from .errors import InputError, InputTypeError, UnsupportedOutput
 from .heads import TextOutput, split_batch
+
+if TYPE_CHECKING:
+    from .check import CheckReport
 
 EncodeResult = dict[str, Any]
 Texts = str | Sequence[str]
@@ -382,6 +385,14 @@ class M3Model:
             except ValueError:
                 raise InputError(f"lexical_weights[{i}] has a key that is not a token id: {list(item)[:5]}") from None
         return converted[0] if len(converted) == 1 else converted
+
+    def check(self) -> CheckReport:
+        """This model (its variant, on the provider it runs on) against the PyTorch outputs
+        stored in its package at export, as ``m3 check`` does: one ``CheckResult`` row,
+        PASS, FAIL or SKIP with the reason and the measures (``m3_runtime.check``)."""
+        from .check import check_loaded
+
+        return check_loaded(self)
 
     def __repr__(self) -> str:
         return f"M3Model({str(self.package.root)!r}, variant={self.variant!r}, providers={self.providers})"

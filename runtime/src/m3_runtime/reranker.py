@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,6 +24,9 @@ from .errors import InputError, InputTypeError
 from .heads import sigmoid
 from .model import as_pairs
 from .tokenize import format_instruction
+
+if TYPE_CHECKING:
+    from .check import CheckReport
 
 # FlagReranker's defaults.
 RERANK_BATCH_SIZE = 128
@@ -167,6 +171,14 @@ class M3Reranker:
         scores = self.compute_score([(query, p) for p in passages], normalize=normalize) if passages else []
         order = sorted(range(len(scores)), key=lambda i: -scores[i])
         return [Ranked(i, scores[i]) for i in order[:top_n]]
+
+    def check(self) -> CheckReport:
+        """This model (its variant, on the provider it runs on) against the PyTorch outputs
+        stored in its package at export, as ``m3 check`` does: one ``CheckResult`` row,
+        PASS, FAIL or SKIP with the reason and the measures (``m3_runtime.check``)."""
+        from .check import check_loaded
+
+        return check_loaded(self)
 
     def __repr__(self) -> str:
         return f"M3Reranker({str(self.package.root)!r}, variant={self.variant!r}, providers={self.providers})"

@@ -61,20 +61,71 @@ class SessionConfig:
 
     max_length: int = 8192
     trt_max_batch: int = 32
+    # Padded tokens per forward pass on a GPU (the engine's max_batch_tokens there).
+    batch_tokens: int = 16384
     device_id: int = 0
     cache_dir: Path | None = None
     intra_op_threads: int = 0  # 0: ONNX Runtime picks the number of physical cores
     allow_spinning: bool = False
 
 
+def tensorrt_profile(max_length: int, max_rows: int, batch_tokens: int) -> dict[str, str]:
+    """TensorRT's dynamic-shape profile (ONNX Runtime's ``trt_profile_*_shapes``) for
+    every batch the engine's planner can send: 1 to ``max_rows`` rows (the engine caps
+    rows at this on TensorRT) of 1 to ``max_length`` tokens. Optimised for a full
+    batch of 512-token rows within the ``batch_tokens`` budget (or of the longest rows
+    when ``max_length`` is shorter). Without a profile TensorRT rebuilds its engine (tens
+    of seconds) whenever a new shape shows up; a batch outside it fails."""
+    if max_length < 2 or max_rows < 1 or batch_tokens < 1:
+        raise ValueError(
+            f"bad TensorRT profile bounds: max_length {max_length}, rows {max_rows}, tokens {batch_tokens}"
+        )
+    opt_seq = min(512, max_length)
+    opt_rows = max(1, min(max_rows, batch_tokens // opt_seq))
+
+    def shape(rows: int, seq: int) -> str:
+        return ",".join(f"{n}:{rows}x{seq}" for n in INPUT_NAMES)
+
+    return {
+        "trt_profile_min_shapes": shape(1, 1),
+        "trt_profile_opt_shapes": shape(opt_rows, opt_seq),
+        "trt_profile_max_shapes": shape(max_rows, max_length),
+    }
+
+
+def tensorrt_version() -> str:
+    """The TensorRT library ONNX Runtime would load (``getInferLibVersion``, e.g. ``10.3.0``),
+    or the installed ``tensorrt`` wheel's version, or ``unknown``."""
+    import ctypes
+
+    for name in ("libnvinfer.so", "libnvinfer.so.10", "libnvinfer.so.8", "nvinfer.dll"):
+        try:
+            number = int(ctypes.CDLL(name).getInferLibVersion())
+        except (OSError, AttributeError, ValueError):
+            continue
+        major, rest = divmod(number, 10000) if number >= 10000 else divmod(number, 1000)
+        return f"{major}.{rest // 100}.{rest % 100}"
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("tensorrt", "tensorrt-cu12", "tensorrt-cu11", "tensorrt-libs"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return "unknown"
+
+
+def tensorrt_cache_dir(cache_dir: Path) -> Path:
+    """Engine and timing caches of one package variant (``cache_dir`` is keyed by the
+    variant and its files' hashes, ``Engine``) for this TensorRT and ONNX Runtime: a
+    changed package or library never reuses a stale engine."""
+    return cache_dir / f"tensorrt-{tensorrt_version()}-ort-{import_ort().__version__}"
+
+
 def _provider_options(name: str, config: SessionConfig, cache_dir: Path) -> dict[str, Any]:
     if name == TENSORRT:
-        trt_cache = cache_dir / "tensorrt"
+        trt_cache = tensorrt_cache_dir(cache_dir)
         trt_cache.mkdir(parents=True, exist_ok=True)
-
-        def shape(batch: int, seq: int) -> str:
-            return ",".join(f"{n}:{batch}x{seq}" for n in INPUT_NAMES)
-
         return {
             "device_id": config.device_id,
             "trt_fp16_enable": True,
@@ -82,11 +133,7 @@ def _provider_options(name: str, config: SessionConfig, cache_dir: Path) -> dict
             "trt_engine_cache_path": str(trt_cache),
             "trt_timing_cache_enable": True,
             "trt_timing_cache_path": str(trt_cache),
-            # One profile covering every shape the batcher can send; without it TensorRT
-            # rebuilds its engine (tens of seconds) whenever a new shape shows up.
-            "trt_profile_min_shapes": shape(1, 1),
-            "trt_profile_opt_shapes": shape(min(8, config.trt_max_batch), min(512, config.max_length)),
-            "trt_profile_max_shapes": shape(config.trt_max_batch, config.max_length),
+            **tensorrt_profile(config.max_length, config.trt_max_batch, config.batch_tokens),
         }
     if name == CUDA:
         return {"device_id": config.device_id, "cudnn_conv_algo_search": "HEURISTIC"}
@@ -190,44 +237,66 @@ def default_cache_dir() -> Path:
     return Path(base) / "m3-runtime"
 
 
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (ONNX Runtime's span several)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def create_session(
     graph: Path,
     providers: list[str],
     config: SessionConfig,
     *,
     cache_key: str,
+    fallbacks: list[str] | None = None,
 ) -> tuple[onnxruntime.InferenceSession, list[str]]:
     """Open ``graph`` on the first usable of ``providers`` (CPU always last).
 
     Providers ONNX Runtime does not have are dropped with one warning; a provider that
-    fails to start (for example TensorRT libraries missing) falls back to the CPU with
-    one warning. Returns the session and the providers it really uses.
+    fails to start (for example TensorRT libraries missing, a CUDA version mismatch, a
+    TensorRT parser error) falls back to the CPU with one warning that names it and
+    quotes ONNX Runtime's error. Each such message is also appended to ``fallbacks``.
+    Returns the session and the providers it really uses.
     """
+
+    def fell_back(message: str) -> None:
+        if fallbacks is not None:
+            fallbacks.append(message)
+        _warn_once(message)
+
     ort = import_ort()
     have = set(ort.get_available_providers())
     wanted = [p for p in providers if p in have]
     missing = [p for p in providers if p not in have]
     if missing:
-        _warn_once(f"ONNX Runtime here has no {', '.join(missing)}; using {', '.join([*wanted, CPU])}")
+        fell_back(
+            f"ONNX Runtime here has no {', '.join(missing)} (it has {', '.join(sorted(have))}); "
+            f"using {', '.join([*wanted, CPU] if CPU not in wanted else wanted)}"
+        )
     if CPU not in wanted:
         wanted.append(CPU)
 
     cache_dir = (config.cache_dir or default_cache_dir()) / cache_key
     provider_list = [(p, _provider_options(p, config, cache_dir)) for p in wanted]
+    failed = False
     try:
         options = _session_options(ort, config, cpu_only=wanted == [CPU])
         session = ort.InferenceSession(str(graph), sess_options=options, providers=provider_list)
     except Exception as exc:
         if wanted == [CPU]:
             raise RuntimeError(f"ONNX Runtime cannot load {graph}: {exc}") from None
-        _warn_once(f"{wanted[0]} failed to start ({exc}); falling back to {CPU}")
+        fell_back(f"{wanted[0]} could not be created; falling back to {CPU}. ONNX Runtime said: {_one_line(exc)}")
+        failed = True
         try:
             options = _session_options(ort, config, cpu_only=True)
             session = ort.InferenceSession(str(graph), sess_options=options, providers=[CPU])
         except Exception as exc2:
             raise RuntimeError(f"ONNX Runtime cannot load {graph}: {exc2}") from None
     used = list(session.get_providers())
-    if wanted[0] != CPU and used[0] != wanted[0]:
-        _warn_once(f"{wanted[0]} was requested but the session runs on {used[0]}")
-    log.info("opened %s on %s", graph.name, ", ".join(used))
+    if wanted[0] != CPU and used[0] != wanted[0] and not failed:
+        fell_back(
+            f"{wanted[0]} was requested but the session runs on {used[0]} "
+            "(ONNX Runtime dropped it; its own error, if any, is in its log above)"
+        )
+    log.debug("opened %s on %s", graph.name, ", ".join(used))  # m3 serve logs what serves what
     return session, used

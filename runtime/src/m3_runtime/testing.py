@@ -66,3 +66,25 @@ def top10_overlaps(got: Sequence[Mapping[str, float]], ref: Sequence[Mapping[str
         if top_ref:
             overlaps.append(len(set(top_ref) & set(top_got)) / len(top_ref))
     return overlaps
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 0..n-1 in float64, ties given their mean rank (Spearman's convention)."""
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x), np.float64)
+    ranks[order] = np.arange(len(x), dtype=np.float64)
+    for value in np.unique(x):
+        tied = x == value
+        if tied.sum() > 1:
+            ranks[tied] = ranks[tied].mean()
+    return ranks
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman's rank correlation; 1.0 when either side is constant and both are (nothing to order)."""
+    ra, rb = _ranks(np.asarray(a, np.float64)), _ranks(np.asarray(b, np.float64))
+    da, db = ra - ra.mean(), rb - rb.mean()
+    den = float(np.sqrt((da * da).sum() * (db * db).sum()))
+    if den == 0:
+        return 1.0 if (da == 0).all() and (db == 0).all() else 0.0
+    return float((da * db).sum() / den)
