@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
@@ -191,18 +190,25 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
-    from .server import ServerConfig, serve
+    from .server import ServerConfig, check_port, serve
+    from .server.flags import named
 
+    if args.env_errors:
+        raise InputError(args.env_errors[0])
     if args.request_timeout_s < 0:
-        raise InputError(f"--request-timeout-s must be >= 0 (0: no limit), got {args.request_timeout_s:g}")
+        raise InputError(
+            f"{named('request_timeout_s', '--request-timeout-s')} must be >= 0 (0: no limit), "
+            f"got {args.request_timeout_s:g}"
+        )
     for name in ("workers", "max_queue", "max_texts", "max_chars", "max_body_bytes", "drain_timeout_s"):
         if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    api_key = args.api_key if args.api_key is not None else os.environ.get("M3_API_KEY")
+            raise InputError(f"{named(name, '--' + name.replace('_', '-'))} must be >= 1, got {getattr(args, name)}")
+    api_key = args.api_key
     if api_key is not None and not api_key.strip():
         raise InputError("the API key (--api-key or M3_API_KEY) is empty: give a key, or unset it for no auth")
     if args.package is None and args.reranker is None:
-        raise InputError("m3 serve needs an embedding package, --reranker PACKAGE, or both")
+        raise InputError("m3 serve needs an embedding package (or M3_PACKAGE), --reranker PACKAGE, or both")
+    check_port(args.host, args.port)  # before the models load, which takes a while
     threads = {"max_batch_tokens": args.max_batch_tokens, "intra_op_threads": args.intra_op_threads}
     model = None if args.package is None else _model(args, **threads)
     reranker = None
@@ -300,8 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv = sub.add_parser("serve", help="HTTP server with dynamic batching (needs m3-runtime[server])")
     common(srv, optional=True)
     srv.add_argument("--reranker", default=None, help="a reranker package to serve next to (or instead of) PACKAGE")
-    srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface; see --api-key)"
+    )
+    srv.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     defaults = {f.name: f.default for f in fields(ServerConfig)}
     srv.add_argument(
         "--max-batch-tokens",
@@ -351,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key",
         default=None,
         help="require 'Authorization: Bearer KEY' on every endpoint but /health and /openapi.json "
-        "(default: the M3_API_KEY environment variable, which other users cannot read in ps; unset: no auth)",
+        "(an environment variable, unlike a flag, is not shown to other users by ps; unset: no auth)",
     )
     srv.add_argument(
         "--log-texts", action="store_true", help="put request texts into the access log (default: counts only)"
@@ -363,6 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="on SIGTERM, seconds to finish in-flight and queued requests before exiting",
     )
     srv.set_defaults(func=cmd_serve)
+    from .server.flags import from_environment
+
+    from_environment(srv)  # every flag also from M3_<FLAG>, shown in --help
 
     corpus = sub.add_parser("embed-corpus", help="embed Parquet/JSONL files with Ray Data (needs m3-runtime[ray])")
     corpus.add_argument("package")
@@ -392,6 +403,22 @@ def build_parser() -> argparse.ArgumentParser:
     from .evaluation.cli import add_parser as add_eval_parser
 
     add_eval_parser(sub)
+
+    chk = sub.add_parser(
+        "check",
+        help="run the package's variants on this machine's providers against the reference outputs stored at "
+        "export; exit status 0 only if every one PASSes",
+    )
+    chk.add_argument("package")
+    chk.add_argument("--variants", default=None, help="comma-separated (default: the package's)")
+    chk.add_argument(
+        "--providers",
+        default=None,
+        help="comma-separated ONNX Runtime providers, e.g. TensorrtExecutionProvider,CUDAExecutionProvider "
+        "(default: those of TensorRT, CUDA and the CPU this ONNX Runtime has, each variant on those it is built for)",
+    )
+    chk.add_argument("--json", action="store_true", help="print the report as JSON instead of a table")
+    chk.set_defaults(func=cmd_check)
 
     chk = sub.add_parser(
         "check",
