@@ -18,7 +18,11 @@ library, so it runs unchanged on the host (x86) and in the arm64 userland. It lo
   operators must have run, and every op type the host listed with onnx (``--list-ops``);
 - with ``--against``: this run's outputs (the short texts plus the 640-token text) against
   those saved by a run on another machine (the x86 host): fp32 within 1e-5 everywhere,
-  int8 as ``compare_saved`` says.
+  int8 as ``compare_saved`` says;
+- ``m3 check PACKAGE --variants fp32,int8 --providers CPUExecutionProvider`` (the
+  users' command, through ``m3_runtime.cli.main``): fp32 and int8 against the PyTorch
+  outputs stored in the package at export; ``--skip-long`` unless ``--long`` (its
+  8,192-token probe would take minutes per variant under qemu).
 
 Prints a short report and exits 1 if any check fails.
 """
@@ -364,6 +368,15 @@ def main(argv: list[str] | None = None) -> int:
             check_ops(ran, json.loads(args.ops.read_text()), report)
         else:
             print(f"  int8 nodes run: {', '.join(f'{k} x{len(v)}' for k, v in sorted(ran.items()))}")
+
+        # The users' own check, the same command line they run (exit status 0: all PASS).
+        from m3_runtime.cli import main as m3_main
+
+        command = ["check", str(args.package), "--variants", "fp32,int8", "--providers", "CPUExecutionProvider"]
+        command += [] if args.long else ["--skip-long"]
+        os.environ["XDG_CACHE_HOME"] = cache  # m3 check's verification record, too
+        status = m3_main(command)
+        report.check("m3 " + " ".join(command), status == 0, f"exit status {status}")
 
     for other in args.against:
         compare_saved(saved, other, report, close=thresholds["fp16"])

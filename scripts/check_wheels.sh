@@ -12,7 +12,8 @@
 #  3. Runtime venv (the m3_runtime wheel with [cpu,server,ray] and the runtime tests' tools, no torch):
 #     torch, transformers and m3_exporter must not be importable; then the runtime's tests,
 #     `pytest -m "not exporter"`, run against the packages step 2 wrote (M3_TEST_PACKAGES), so the
-#     goldens judge what the installed exporter wrote and the installed runtime computes.
+#     goldens judge what the installed exporter wrote and the installed runtime computes; and
+#     `m3 check` on both packages, every variant against the PyTorch outputs stored at export.
 #
 # It also prints the runtime wheel's size, what `pip install m3_runtime-*.whl[cpu]` adds to a fresh
 # venv, the `import m3_runtime` time and the time to the first embedding in a fresh process.
@@ -239,4 +240,9 @@ assert '/site-packages/' in m3_runtime.__file__, f'm3_runtime imported from {m3_
 # tests/test_wheels.py is step 1 again.
 M3_TEST_PACKAGES=$W/packages "$R/python" -m pytest -m "not exporter" -p no:cacheprovider -q \
   --ignore=tests/test_wheels.py "$@"
-say "done: the built wheels export, load, encode, score and rerank; the runtime tests pass without torch"
+
+say "m3 check in the runtime venv: every variant of both packages against the PyTorch outputs stored at export"
+for pkg in tiny-m3 tiny-reranker; do
+  "$R/m3" check "$W/packages/$pkg" --variants fp32,fp16,int8 --providers CPUExecutionProvider
+done
+say "done: the built wheels export, load, encode, score and rerank; the runtime tests and m3 check pass without torch"

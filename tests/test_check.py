@@ -271,3 +271,10 @@ def test_sampled_colbert_rows_are_evenly_spread():
     rows = sample_rows(8191)
     assert len(rows) == COLBERT_SAMPLE and rows[0] == 0 and rows[-1] == 8190
     assert [a.tolist() for a in split(np.arange(6), np.array([1, 2, 3]))] == [[0], [1, 2], [3, 4, 5]]
+
+
+def test_skip_long_leaves_out_the_probe_at_max_length(package_dir, reranker_dir):
+    report = check_package(package_dir, variants=["fp32"], providers=[CPU], skip_long=True)
+    assert report.passed and report.notes[-1] == "left out (--skip-long): long (8192 tokens)"
+    report = check_package(reranker_dir, variants=["fp32"], providers=[CPU], skip_long=True)
+    assert report.passed and report.notes[-1] == "left out (--skip-long): cut at 1024"

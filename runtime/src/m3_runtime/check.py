@@ -78,6 +78,8 @@ _ABS = ("dense_max_abs", "sparse_max_abs", "colbert_max_abs", "colbert_norm_max_
 # Which graph output a measure is about (failure messages name it).
 _OUTPUT = {"dense": "dense_vecs", "sparse": "sparse_weights", "colbert": "colbert_vecs", "scores": "scores"}
 PROVIDER_ORDER = (TENSORRT, CUDA, CPU)
+# ``skip_long`` leaves out probes longer than this (the one at the package's max_length).
+LONG_PROBE_TOKENS = 512
 
 
 class CheckError(M3Error, ValueError):
@@ -499,6 +501,7 @@ def check_package(
     providers: Sequence[str] | None = None,
     cache_dir: str | Path | None = None,
     progress: Callable[[CheckResult], None] | None = None,
+    skip_long: bool = False,
 ) -> CheckReport:
     """Every asked variant on every asked provider (see the module docstring).
 
@@ -506,7 +509,8 @@ def check_package(
     CPU that this ONNX Runtime has. Left to their defaults, a variant runs only on the
     providers it is built for (``contract.PROVIDERS_FOR_VARIANT``; fp16 is not run on
     the CPU, and a note says so); named ones run on every named provider.
-    ``progress`` is called with each row as it is done."""
+    ``progress`` is called with each row as it is done. ``skip_long`` leaves out the probes
+    over ``LONG_PROBE_TOKENS`` tokens (the one at ``max_length``: minutes under an emulator)."""
     package = load_package(package_dir)
     m = package.manifest
     asked_variants = list(variants) if variants else list(m.variants)
@@ -535,6 +539,12 @@ def check_package(
 
     probes, ref, described, base_notes = _baseline(package, cache_dir)
     notes += base_notes
+    if skip_long and ref is not None:
+        keep = [i for i, t in enumerate(ref.tokens) if t <= LONG_PROBE_TOKENS]
+        dropped = [n for i, n in enumerate(probes.names) if i not in keep]
+        if dropped:
+            notes.append(f"left out (--skip-long): {', '.join(dropped)}")
+        probes, ref = _subset(probes, ref, keep)
     results = []
     for variant, provider in plan:
         result = _row(package, variant, provider, have, probes, ref, described, cache_dir)
@@ -542,6 +552,36 @@ def check_package(
             progress(result)
         results.append(result)
     return CheckReport(str(package.root), described, tuple(results), tuple(notes))
+
+
+def _subset(probes: Probes, ref: Observed, keep: list[int]) -> tuple[Probes, Observed]:
+    """The probes (and their reference outputs) at ``keep``."""
+
+    def take(items: Any) -> Any:
+        return None if items is None else [items[i] for i in keep] if len(items) else []
+
+    short = Probes(
+        take(probes.names),
+        probes.kind,
+        texts=take(probes.texts) or [],
+        max_length=probes.max_length,
+        pairs=take(probes.pairs) or [],
+        pair_lengths=take(probes.pair_lengths) or [],
+        index=take(probes.index),
+    )
+    arrays = {
+        name: None if value is None else value[keep]
+        for name, value in (("tokens", ref.tokens), ("dense", ref.dense), ("scores", ref.scores))
+    }
+    return short, Observed(
+        tokens=arrays["tokens"],  # type: ignore[arg-type]
+        dense=arrays["dense"],
+        lexical=take(ref.lexical),
+        colbert=take(ref.colbert),
+        norms=take(ref.norms),
+        scores=arrays["scores"],
+        nan=ref.nan,
+    )
 
 
 def _row(
