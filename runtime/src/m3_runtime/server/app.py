@@ -4,6 +4,7 @@ the GET routes; the Gateway around them; ``serve`` runs it under uvicorn."""
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import socket
 import sys
@@ -62,6 +63,14 @@ INFO_SCHEMA = {
     },
     "required": ["model_id", "model_type", "max_input_length", "max_client_batch_size", "version"],
 }
+
+
+def dumps(content: Any) -> bytes:
+    """The bytes of every endpoint's answer (what Starlette's JSONResponse writes). The one
+    place to switch encoders: ``benchmarks/json_encoding.py`` measures this against orjson
+    (``orjson.dumps(content)`` here, the same numbers; NaN would become null, but no answer
+    holds one: /score refuses weights that give non-finite scores)."""
+    return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
 
 
 def describe(m: M3Model | M3Reranker, endpoints: list[str]) -> dict[str, Any]:
@@ -175,7 +184,7 @@ def create_app(
                 service.watch.check()
                 result = await answer(handler, args, request.receive, config.request_timeout_s)
                 service.watch.check()  # a file changed while this request ran: its numbers may be wrong
-                return JSONResponse(result)
+                return Response(dumps(result), media_type="application/json")
             except Exception as exc:
                 # A pass that failed on weights changed under it: say so, not 400 or 500.
                 changed = service.watch.poll()
