@@ -27,7 +27,7 @@ import numpy as np
 
 from .batching import pad_batch, plan_batches
 from .contract import INPUT_NAMES, TOKENIZER_FILE, ModelKind, SpecialTokens, Variant, VariantInfo
-from .errors import InputError, RunError, UnsupportedOutput
+from .errors import InputError, InputTypeError, RunError, UnsupportedOutput
 from .package import Package, PackageError, load_package
 from .session import (
     CPU,
@@ -99,30 +99,55 @@ class Batch:
         return self.attention_mask.sum(axis=1)
 
 
+@dataclass(frozen=True)
+class EngineOptions:
+    """How an ``Engine`` loads a package and runs it, declared once.
+
+    ``M3Model`` and ``M3Reranker`` take these as keyword arguments (FlagEmbedding users
+    pass keywords) and build one ``EngineOptions`` from them in one place
+    (``compat.engine_options``); ``M3Model``'s docstring describes each field.
+    ``cache_dir`` holds the verification record and TensorRT caches."""
+
+    variant: Variant | None = None
+    providers: tuple[str, ...] | None = None
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_batch_tokens: int | None = None
+    exact_batches: bool = True
+    pad_batches: bool = True
+    verify: bool = True
+    device_id: int = 0
+    cache_dir: Path | None = None
+    intra_op_threads: int = 0
+    allow_spinning: bool = False
+    workers: int = 1
+
+    def __post_init__(self) -> None:  # lists and str paths in, hashable and typed out
+        if self.providers is not None:
+            if isinstance(self.providers, str):
+                raise InputTypeError(f"providers must be a list of provider names, got {self.providers!r}")
+            object.__setattr__(self, "providers", tuple(self.providers))
+        if self.cache_dir is not None:
+            object.__setattr__(self, "cache_dir", Path(self.cache_dir))
+
+
 class Engine:
     """A package's session and the work around it; see the module docstring.
 
-    Args are ``M3Model``'s (its docstring describes them); ``cache_dir`` holds the
-    verification record and TensorRT caches.
+    ``Engine(package_dir, EngineOptions(variant="fp32", workers=2))``.
     """
 
-    def __init__(
-        self,
-        package_dir: str | Path,
-        variant: Variant | None = None,
-        providers: Sequence[str] | None = None,
-        *,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        max_batch_tokens: int | None = None,
-        exact_batches: bool = True,
-        pad_batches: bool = True,
-        verify: bool = True,
-        device_id: int = 0,
-        cache_dir: str | Path | None = None,
-        intra_op_threads: int = 0,
-        allow_spinning: bool = False,
-        workers: int = 1,
-    ) -> None:
+    def __init__(self, package_dir: str | Path, options: EngineOptions | None = None) -> None:
+        self.options = options = EngineOptions() if options is None else options
+        if not isinstance(options, EngineOptions):
+            raise InputTypeError(f"options must be an EngineOptions, got {type(options).__name__}")
+        variant, providers, batch_size = options.variant, options.providers, options.batch_size
+        max_batch_tokens, exact_batches, pad_batches = (
+            options.max_batch_tokens,
+            options.exact_batches,
+            options.pad_batches,
+        )
+        verify, device_id, cache_dir = options.verify, options.device_id, options.cache_dir
+        intra_op_threads, allow_spinning, workers = options.intra_op_threads, options.allow_spinning, options.workers
         self.workers = check_positive(workers, "workers")
         self.package: Package = load_package(package_dir)
         manifest = self.package.manifest

@@ -16,10 +16,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import scoring
+from .compat import engine_options
 from .contract import COLBERT, DENSE, SPARSE, Variant
 from .engine import DEFAULT_BATCH_SIZE, Engine, check_positive, check_unicode
 from .errors import InputError, InputTypeError, UnsupportedOutput
 from .heads import TextOutput, split_batch
+from .tokenize import format_instruction
 
 if TYPE_CHECKING:
     from .check import CheckReport
@@ -151,8 +153,21 @@ class M3Model:
             session called from several threads; the weights are shared). With
             ``intra_op_threads=1`` and one worker per core: +26% on many short
             queries, +12% on passages, but half speed on a lone long text (2 vCPUs).
-        engine: an already loaded ``Engine`` to wrap instead (the other arguments but
-            ``query_max_length``/``passage_max_length`` are then ignored).
+        engine: an already loaded ``Engine`` to wrap instead (the loading arguments are
+            then ignored).
+
+    FlagEmbedding 1.4's ``BGEM3FlagModel`` arguments, with its semantics where the
+    package can (docs/runtime.md has the table): ``return_dense``, ``return_sparse``,
+    ``return_colbert_vecs`` (what ``encode*`` return when a call does not say),
+    ``query_instruction_for_retrieval`` and ``query_instruction_format`` (prepended by
+    ``encode_queries``), ``truncate_dim`` (``encode*``'s dense and ColBERT vectors cut
+    to their first dims and normalised again), ``devices`` (``"cpu"``, ``"cuda:N"``:
+    providers and device id), ``use_fp16`` (the fp16 variant on a GPU; the CPU default
+    without one, said once), ``batch_size``, ``query_max_length``,
+    ``passage_max_length``, ``cache_dir``, ``trust_remote_code`` (packages hold no
+    code: accepted, nothing to trust). Refused with the reason: ``normalize_embeddings``
+    other than the graph's, ``pooling_method`` other than the package's, ``colbert_dim``
+    other than -1, ``use_bf16=True``.
     """
 
     def __init__(
@@ -174,26 +189,73 @@ class M3Model:
         allow_spinning: bool = False,
         workers: int = 1,
         engine: Engine | None = None,
+        # FlagEmbedding 1.4 (BGEM3FlagModel)
+        normalize_embeddings: bool | None = None,
+        use_fp16: bool | None = None,
+        use_bf16: bool = False,
+        query_instruction_for_retrieval: str | None = None,
+        query_instruction_format: str = "{}{}",
+        devices: str | int | Sequence[str | int] | None = None,
+        pooling_method: str | None = None,
+        trust_remote_code: bool = False,
+        colbert_dim: int = -1,
+        return_dense: bool = True,
+        return_sparse: bool = False,
+        return_colbert_vecs: bool = False,
+        truncate_dim: int | None = None,
     ) -> None:
         self.engine = engine or Engine(
             package_dir,
-            variant,
-            providers,
-            batch_size=batch_size,
-            max_batch_tokens=max_batch_tokens,
-            exact_batches=exact_batches,
-            pad_batches=pad_batches,
-            verify=verify,
-            device_id=device_id,
-            cache_dir=cache_dir,
-            intra_op_threads=intra_op_threads,
-            allow_spinning=allow_spinning,
-            workers=workers,
+            engine_options(
+                variant=variant,
+                providers=providers,
+                devices=devices,
+                use_fp16=use_fp16,
+                use_bf16=use_bf16,
+                device_id=device_id,
+                cache_dir=cache_dir,
+                batch_size=batch_size,
+                max_batch_tokens=max_batch_tokens,
+                exact_batches=exact_batches,
+                pad_batches=pad_batches,
+                verify=verify,
+                intra_op_threads=intra_op_threads,
+                allow_spinning=allow_spinning,
+                workers=workers,
+            ),
         )
         if self.engine.kind.pairs:
             raise InputError(
                 f"{self.engine.package.root} is a {self.engine.kind.description}: load it with M3Reranker, not M3Model"
             )
+        manifest = self.engine.package.manifest
+        if normalize_embeddings is not None and bool(normalize_embeddings) != manifest.normalize:
+            does = "normalises" if manifest.normalize else "does not normalise"
+            raise InputError(
+                f"normalize_embeddings={normalize_embeddings}: the graph of {self.engine.package.root} {does} its "
+                f"vectors, fixed at export; leave normalize_embeddings out (or pass {manifest.normalize})"
+            )
+        if pooling_method is not None and pooling_method != manifest.pooling:
+            raise InputError(
+                f"pooling_method={pooling_method!r}: the graph of {self.engine.package.root} pools with "
+                f"{manifest.pooling!r}, fixed at export; leave pooling_method out (or pass {manifest.pooling!r})"
+            )
+        if colbert_dim != -1:
+            raise InputError(
+                f"colbert_dim={colbert_dim!r}: the package's ColBERT head is the exported one "
+                f"({self.engine.hidden_size} dims); pass colbert_dim=-1, or truncate_dim for shorter vectors"
+            )
+        if truncate_dim is not None:
+            if isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int) or not 1 <= truncate_dim:
+                raise InputError(f"truncate_dim must be a positive integer or None, got {truncate_dim!r}")
+            truncate_dim = min(truncate_dim, self.engine.hidden_size)  # FlagEmbedding slices: no error above
+        self.truncate_dim = truncate_dim
+        self.return_defaults = {
+            "return_dense": bool(return_dense),
+            "return_sparse": bool(return_sparse),
+            "return_colbert_vecs": bool(return_colbert_vecs),
+        }
+        self.trust_remote_code = trust_remote_code
         check = self.engine.check_length
         self.query_max_length = check(
             min(512, self.max_length) if query_max_length is None else query_max_length, "query_max_length"
@@ -201,7 +263,11 @@ class M3Model:
         self.passage_max_length = check(
             self.max_length if passage_max_length is None else passage_max_length, "passage_max_length"
         )
-        self.query_instruction = self.engine.package.manifest.query_instruction
+        # FlagEmbedding: format.format(instruction, query); the package's instruction is the default.
+        self.query_instruction = (
+            manifest.query_instruction if query_instruction_for_retrieval is None else query_instruction_for_retrieval
+        )
+        self.query_instruction_format = query_instruction_format
 
     # Read-through views of the engine, for callers and for FlagEmbedding-style introspection.
     package = property(lambda self: self.engine.package)
@@ -249,28 +315,40 @@ class M3Model:
         sentences: Texts,
         batch_size: int | None = None,
         max_length: int | None = None,
-        return_dense: bool = True,
-        return_sparse: bool = False,
-        return_colbert_vecs: bool = False,
+        return_dense: bool | None = None,
+        return_sparse: bool | None = None,
+        return_colbert_vecs: bool | None = None,
     ) -> EncodeResult:
         """Encode texts; returns ``dense_vecs``, ``lexical_weights``, ``colbert_vecs``.
 
         ``dense_vecs``: float32 ``[n, hidden]``; ``lexical_weights``: list of
         ``{str(token_id): weight}``; ``colbert_vecs``: list of float32 ``[len_i - 1, hidden]``
-        arrays. Outputs not asked for are ``None``. A single string in gives unwrapped
-        values out. Texts longer than ``max_length`` tokens (default
-        ``passage_max_length``) are truncated, as FlagEmbedding does.
+        arrays. Outputs not asked for are ``None``; ``return_*=None`` takes the
+        constructor's. A single string in gives unwrapped values out. Texts longer than
+        ``max_length`` tokens (default ``passage_max_length``) are truncated, as
+        FlagEmbedding does. With ``truncate_dim``, dense and ColBERT vectors keep their
+        first ``truncate_dim`` dims, normalised again where the graph normalises.
         """
         texts, single = as_texts(sentences, "sentences")
+        given = {
+            "return_dense": return_dense,
+            "return_sparse": return_sparse,
+            "return_colbert_vecs": return_colbert_vecs,
+        }
+        asked = {k: self.return_defaults[k] if v is None else v for k, v in given.items()}
         enc = self.embed(
             texts,
             batch_size=batch_size,
             max_length=max_length,
-            dense=return_dense,
-            sparse=return_sparse,
-            colbert=return_colbert_vecs,
+            dense=asked["return_dense"],
+            sparse=asked["return_sparse"],
+            colbert=asked["return_colbert_vecs"],
         )
-        result: EncodeResult = {"dense_vecs": enc.dense, "lexical_weights": enc.lexical, "colbert_vecs": enc.colbert}
+        dense, colbert = enc.dense, enc.colbert
+        if self.truncate_dim is not None:
+            dense = None if dense is None else self._truncated(dense)
+            colbert = None if colbert is None else [self._truncated(c) for c in colbert]
+        result: EncodeResult = {"dense_vecs": dense, "lexical_weights": enc.lexical, "colbert_vecs": colbert}
         if single:
             result = {k: (None if v is None else v[0]) for k, v in result.items()}
         return result
@@ -280,9 +358,9 @@ class M3Model:
         queries: Texts,
         batch_size: int | None = None,
         max_length: int | None = None,
-        return_dense: bool = True,
-        return_sparse: bool = False,
-        return_colbert_vecs: bool = False,
+        return_dense: bool | None = None,
+        return_sparse: bool | None = None,
+        return_colbert_vecs: bool | None = None,
     ) -> EncodeResult:
         """``encode`` with ``query_max_length`` as the default truncation.
 
@@ -290,9 +368,9 @@ class M3Model:
         sentence for searching relevant passages: "), is prepended to every query, as
         FlagEmbedding does; BGE-M3 has none.
         """
-        if self.query_instruction:
+        if self.query_instruction is not None:
             texts, single = as_texts(queries, "queries")
-            prefixed = [self.query_instruction + q for q in texts]
+            prefixed = [format_instruction(self.query_instruction_format, self.query_instruction, q) for q in texts]
             queries = prefixed[0] if single else prefixed
         return self.encode(
             queries,
@@ -308,9 +386,9 @@ class M3Model:
         corpus: Texts,
         batch_size: int | None = None,
         max_length: int | None = None,
-        return_dense: bool = True,
-        return_sparse: bool = False,
-        return_colbert_vecs: bool = False,
+        return_dense: bool | None = None,
+        return_sparse: bool | None = None,
+        return_colbert_vecs: bool | None = None,
     ) -> EncodeResult:
         """``encode`` with ``passage_max_length`` as the default truncation."""
         return self.encode(corpus, batch_size, max_length, return_dense, return_sparse, return_colbert_vecs)
@@ -355,6 +433,14 @@ class M3Model:
         if single:
             return {k: v[0] for k, v in scores.items()}
         return dict(scores)
+
+    def _truncated(self, vecs: np.ndarray) -> np.ndarray:
+        """FlagEmbedding's ``truncate_dim``: the first dims, normalised again if the graph normalises."""
+        cut = np.ascontiguousarray(vecs[..., : self.truncate_dim])
+        if self.package.manifest.normalize:
+            norms = np.linalg.norm(cut, axis=-1, keepdims=True)
+            cut = (cut / np.maximum(norms, 1e-12)).astype(np.float32)  # F.normalize's eps
+        return cut
 
     @staticmethod
     def colbert_score(q_reps: np.ndarray, p_reps: np.ndarray) -> float:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .compat import engine_options
 from .contract import SCORES, Variant
 from .engine import Engine, check_positive, check_unicode
 from .errors import InputError, InputTypeError
@@ -48,7 +49,10 @@ class M3Reranker:
     FlagReranker's ``query_instruction_for_rerank``, ``query_instruction_format``,
     ``passage_instruction_for_rerank``, ``passage_instruction_format``, ``batch_size``
     (128), ``query_max_length`` (``None``: ``max_length * 3 // 4``), ``max_length``
-    (``None``: 512, or the package's maximum if lower) and ``normalize`` (``False``).
+    (``None``: 512, or the package's maximum if lower) and ``normalize`` (``False``);
+    and its ``use_fp16`` (the fp16 variant on a GPU; the CPU default without one, said
+    once), ``devices`` (``"cpu"``, ``"cuda:N"``: providers and device id) and
+    ``trust_remote_code`` (packages hold no code: accepted), as ``M3Model`` takes them.
     """
 
     def __init__(
@@ -73,20 +77,30 @@ class M3Reranker:
         allow_spinning: bool = False,
         workers: int = 1,
         engine: Engine | None = None,
+        # FlagEmbedding 1.4 (FlagReranker)
+        use_fp16: bool | None = None,
+        devices: str | int | Sequence[str | int] | None = None,
+        trust_remote_code: bool = False,
     ) -> None:
         self.engine = engine or Engine(
             package_dir,
-            variant,
-            providers,
-            batch_size=batch_size,
-            max_batch_tokens=max_batch_tokens,
-            verify=verify,
-            device_id=device_id,
-            cache_dir=cache_dir,
-            intra_op_threads=intra_op_threads,
-            allow_spinning=allow_spinning,
-            workers=workers,
+            engine_options(
+                variant=variant,
+                providers=providers,
+                devices=devices,
+                use_fp16=use_fp16,
+                device_id=device_id,
+                cache_dir=cache_dir,
+                who="M3Reranker",
+                batch_size=batch_size,
+                max_batch_tokens=max_batch_tokens,
+                verify=verify,
+                intra_op_threads=intra_op_threads,
+                allow_spinning=allow_spinning,
+                workers=workers,
+            ),
         )
+        self.trust_remote_code = trust_remote_code
         if not self.engine.kind.has(SCORES):
             raise InputError(
                 f"{self.engine.package.root} is a {self.engine.kind.description}, not a reranker: load it with M3Model"
