@@ -441,3 +441,167 @@ def test_option_tables_name_real_options(page, command):
     assert documented, page
     assert documented <= options, f"{page} documents options {prog} lacks: {sorted(documented - options)}"
     assert options <= documented, f"{page} leaves out options of {prog}: {sorted(options - documented)}"
+
+
+# -- console outputs: checked, or marked illustrative and checked for shape ---------------------
+
+# Console output from these commands is run here on the tiny packages and compared;
+# every other console block with output lines must be marked ``<!-- illustrative: why -->``.
+RUNNABLE = ("m3 encode ", "m3 score ", "m3 rerank ", "m3 info ", "m3-export --list-models")
+ILLUSTRATIVE = re.compile(r"<!--\s*illustrative:[^>]*-->\s*$")
+CONSOLE_PATHS = {"out/tiny-m3": "package_dir", "out/tiny-reranker": "reranker_dir"}
+NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+
+
+@dataclass(frozen=True)
+class Session:
+    """One ``$ command`` of a console block, its standard input and the output shown."""
+
+    where: str
+    command: str
+    stdin: str | None
+    output: list[str]
+
+
+def console_blocks(page: Path) -> list[tuple[Block, bool, list[Session]]]:
+    """Console blocks that show output: (block, marked illustrative, sessions)."""
+    lines = page.read_text(encoding="utf-8").splitlines()
+    out = []
+    for block in blocks(page):
+        if block.lang != "console":
+            continue
+        sessions: list[Session] = []
+        for raw in block.code.splitlines():
+            if raw.startswith("$ "):
+                command = re.sub(r"\s+#.*$", "", raw[2:]).strip()
+                stdin = None
+                piped = re.match(r"^printf '([^']*)' \| (.*)$", command)
+                if piped:
+                    stdin, command = piped.group(1).encode().decode("unicode_escape"), piped.group(2)
+                sessions.append(Session(block.where, command, stdin, []))
+            elif raw.strip() and sessions:
+                sessions[-1].output.append(raw)
+        if any(s.output for s in sessions):
+            before = next((lines[k] for k in range(block.line - 2, -1, -1) if lines[k].strip()), "")
+            out.append((block, bool(ILLUSTRATIVE.match(before)), sessions))
+    return out
+
+
+def _runnable(command: str) -> bool:
+    return command.startswith(RUNNABLE) and "&" not in command
+
+
+def _run_console(command: str, stdin: str | None, paths: dict[str, Path], capsys, monkeypatch) -> list[str]:
+    import io
+    import sys
+
+    argv = shlex.split(command)
+    argv = [str(paths[CONSOLE_PATHS[a]]) if a in CONSOLE_PATHS else a for a in argv]
+    if stdin is not None:
+        monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    capsys.readouterr()
+    if argv[0] == "m3-export":
+        from m3_exporter.cli import main as export_main
+
+        rc = export_main(argv[1:])
+    else:
+        from m3_runtime.cli import main
+
+        rc = main(argv[1:])
+    out, err = capsys.readouterr()
+    assert rc == 0, f"{command}: exit status {rc}: {err}"
+    return out.splitlines()
+
+
+def _pattern(expected: str) -> tuple[re.Pattern[str], list[str]]:
+    """``expected`` as a regex: its numbers captured, ``...`` and ``…`` any text."""
+    parts, numbers, pos = [], [], 0
+    for m in re.finditer(rf"\.\.\.|…|{NUMBER.pattern}", expected):
+        parts.append(re.escape(expected[pos : m.start()]))
+        if m.group() in ("...", "…"):
+            parts.append(".*?")
+        else:
+            parts.append(f"({NUMBER.pattern})")
+            numbers.append(m.group())
+        pos = m.end()
+    parts.append(re.escape(expected[pos:]))
+    return re.compile("".join(parts) + r"\Z"), numbers
+
+
+def line_matches(expected: str, actual: str) -> bool:
+    """``actual`` is ``expected`` but for ``...`` and numbers within the precision written
+    (or 1e-5 relative, what fp32 may differ by between machines)."""
+    pattern, numbers = _pattern(expected)
+    m = pattern.match(actual)
+    if not m:
+        return False
+    for want, got in zip(numbers, m.groups(), strict=True):
+        decimals = len(want.split(".")[1].split("e")[0]) if "." in want else 0
+        tol = max(0.5 * 10.0**-decimals if "e" not in want else 0.0, 1e-5 * max(1.0, abs(float(want))))
+        if abs(float(got) - float(want)) > tol:
+            return False
+    return True
+
+
+def shape(line: str) -> str:
+    """What an illustrative line promises: its label (``package``, ``vs PyTorch``,
+    ``SHA-256``), or the keys of a JSON line."""
+    text = line.strip()
+    if text.startswith("{"):
+        return "keys " + " ".join(re.findall(r'"(\w[\w+]*)":', text))
+    return re.split(r" {2,}|:", text)[0]
+
+
+def _in_order(wanted: list[str], have: list[str]) -> bool:
+    it = iter(have)
+    return all(any(w == h for h in it) for w in wanted)
+
+
+def test_console_outputs_are_checked_or_marked(package_dir, reranker_dir, capsys, monkeypatch, tmp_path):
+    """A console block's output is what the command prints today (run on the tiny
+    packages, numbers to the precision shown), or the block is marked illustrative; an
+    illustrative block whose commands run here must still have that output's shape."""
+    paths = {"package_dir": package_dir, "reranker_dir": reranker_dir}
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    checked = 0
+    for page in CHECK_PAGES:
+        for block, illustrative, sessions in console_blocks(page):
+            runnable = all(_runnable(s.command) for s in sessions)
+            if not illustrative:
+                assert runnable, (
+                    f"{block.where}: console output of a command this test cannot run here; "
+                    "mark the block <!-- illustrative: why -->"
+                )
+            if not runnable:
+                continue
+            for s in sessions:
+                if s.command.startswith("m3-export") and "m3-export" not in _parsers():
+                    continue
+                got = _run_console(s.command, s.stdin, paths, capsys, monkeypatch)
+                if illustrative:
+                    want = [shape(x) for x in s.output]
+                    assert _in_order(want, [shape(x) for x in got]), (
+                        f"{block.where}: `{s.command}` no longer prints lines like {want}; it prints:\n"
+                        + "\n".join(got)
+                    )
+                else:
+                    assert len(got) == len(s.output) and all(
+                        line_matches(w, g) for w, g in zip(s.output, got, strict=True)
+                    ), (
+                        f"{block.where}: `{s.command}` prints\n"
+                        + "\n".join(got)
+                        + "\nthe docs show\n"
+                        + "\n".join(s.output)
+                    )
+                checked += 1
+    assert checked >= 6
+
+
+def test_console_checker_can_fail():
+    assert line_matches('{"a": 1.2800, "b": [0.5, ...]}', '{"a": 1.28004, "b": [0.5, 0.25, 1.0]}')
+    assert not line_matches('{"a": 1.2800}', '{"a": 1.2304}')
+    assert not line_matches('{"a": 1.2800}', '{"b": 1.2800}')
+    assert line_matches("package      /…/out/tiny-m3", "package      /tmp/x/out/tiny-m3")
+    assert shape("  int8        2.6 MB  int8 MatMuls") == "int8" and shape("        vs PyTorch: x 1") == "vs PyTorch"
+    assert shape('{"index": 0, "dense": [...], "sparse": {...}}') == "keys index dense sparse"
+    assert _in_order(["a", "c"], ["a", "b", "c"]) and not _in_order(["c", "a"], ["a", "b", "c"])
