@@ -18,7 +18,8 @@ The corpus is scored in chunks of passages (all queries against one chunk, the b
 ``depth`` per query kept), so memory is the corpus' vectors plus one chunk's scores.
 ColBERT vectors (a 200-token passage is 800 kB in float32) are either kept from the
 corpus encoding (``keep_colbert``: small corpora), read from ``m3 embed-corpus``'s
-``colbert`` column, or re-encoded for the candidates of a block of queries at a time.
+``colbert`` column, or re-encoded for the candidates of a block of 4 queries at a time (a 200-token
+passage's rows are 400 kB in float16: 4 queries' 200 candidates hold at most 330 MB).
 """
 
 from __future__ import annotations
@@ -204,7 +205,7 @@ def pools(
     candidates: int,
     colbert_of: Callable[[np.ndarray], list[np.ndarray]],
     say: Say,
-    block: int = 32,
+    block: int = 4,
 ) -> Pools:
     """Dense top-C + sparse top-C per query with exact dense, sparse and ColBERT scores.
 
@@ -222,7 +223,8 @@ def pools(
             union = np.concatenate([d, s[~np.isin(s, d)]])
             cands.append((union, np.isin(union, d)))
         needed = np.unique(np.concatenate([c for c, _ in cands])) if cands else np.zeros(0, np.int64)
-        vecs = dict(zip(needed.tolist(), colbert_of(needed), strict=True))
+        # float16 rows (embed-corpus --colbert-dtype float16) become float32 once per block
+        vecs = {i: np.asarray(v, np.float32) for i, v in zip(needed.tolist(), colbert_of(needed), strict=True)}
         for q, (union, in_dense) in zip(range(qs, qe), cands, strict=True):
             out.indices.append(union)
             out.from_dense.append(in_dense)
