@@ -117,7 +117,13 @@ def test_reranker_only_server(reranker_dir):
         assert httpx.post(url + "/rerank", json={"query": QUERY, "texts": DOCS}).status_code == 200
         res = httpx.post(url + "/encode", json={"texts": ["x"]})
         assert res.status_code == 404 and "only a reranker" in res.json()["error"]["message"]
-        assert httpx.get(url + "/info").json()["reranker"]["kind"] == "reranker"
+        info = httpx.get(url + "/info").json()
+        assert info["reranker"]["kind"] == "reranker" and "reranker" in info["model_type"]  # TEI's field too
+        # TEI routes POST / by its model's kind: a reranker's is /rerank.
+        root = httpx.post(url + "/", json={"query": QUERY, "texts": DOCS, "raw_scores": True}).json()
+        want = reranker.compute_score([(QUERY, d) for d in DOCS])
+        np.testing.assert_allclose([r["score"] for r in sorted(root, key=lambda r: r["index"])], want, atol=1e-5)
+        assert "/" in info["reranker"]["endpoints"]
     finally:
         srv.should_exit = True
         thread.join(timeout=30)
