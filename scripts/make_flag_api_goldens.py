@@ -15,6 +15,7 @@ numbers are fp32 ones.
 
 from __future__ import annotations
 
+import inspect
 import json
 import sys
 from collections.abc import Mapping
@@ -182,8 +183,14 @@ def main() -> None:
 
     torch.manual_seed(0)
     embedder_dir, reranker_dir = str(ROOT / "models" / "tiny-m3"), str(ROOT / "models" / "tiny-reranker")
+
+    def arguments(cls: Any) -> list[str]:  # the constructor's named arguments
+        params = inspect.signature(cls.__init__).parameters.values()
+        return [p.name for p in params if p.name not in ("self", "model_name_or_path") and p.kind != p.VAR_KEYWORD]
+
     golden: dict[str, Any] = {
         "versions": {p: version(p) for p in ("FlagEmbedding", "transformers", "torch", "tokenizers")},
+        "arguments": {"BGEM3FlagModel": arguments(BGEM3FlagModel), "FlagReranker": arguments(FlagReranker)},
         "python": sys.version.split()[0],
         "embedder_readme": embedder_readme(BGEM3FlagModel(embedder_dir, use_fp16=True)),
         # The same calls without the float16 weight rounding of use_fp16=True, for exact comparisons.
