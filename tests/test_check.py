@@ -100,10 +100,10 @@ def test_dense_package_passes_on_the_cpu(tmp_path):
     assert set(report.results[0].metrics) == {"nan", "dense_max_abs", "dense_cos_min", "dense_cos_mean"}
 
 
-def test_references_that_disagree_with_the_graph_fail_naming_output_probe_and_size(package_dir, tmp_path):
-    """Move one probe's stored dense vector by 0.01 in one component and one ColBERT row by
-    0.05: fp32 must FAIL, naming both outputs, both probes and both sizes."""
-    pkg = _copy(package_dir, tmp_path / "bad")
+def _planted(package_dir: Path, dest: Path) -> Path:
+    """A copy whose references disagree with its graph by a known amount: probe 'de''s
+    dense vector moved by 0.01 in one component, a ColBERT row of 'zh' by 0.05."""
+    pkg = _copy(package_dir, dest)
     refs = read_references(pkg / "reference.npz")
     arrays = {k: np.array(v) for k, v in refs.arrays.items()}
     names = refs.names
@@ -111,7 +111,12 @@ def test_references_that_disagree_with_the_graph_fail_naming_output_probe_and_si
     start = int(arrays["colbert_count"][: names.index("zh")].sum())
     arrays["colbert_rows"][start + 2, 0] += 0.05
     _rewrite_references(pkg, arrays)
+    return pkg
 
+
+def test_references_that_disagree_with_the_graph_fail_naming_output_probe_and_size(package_dir, tmp_path):
+    """fp32 must FAIL, naming both outputs, both probes and both sizes (``_planted``)."""
+    pkg = _planted(package_dir, tmp_path / "bad")
     report = check_package(pkg, variants=["fp32"], providers=[CPU])
     (row,) = report.results
     assert row.status == "FAIL" and not report.passed
@@ -278,3 +283,33 @@ def test_skip_long_leaves_out_the_probe_at_max_length(package_dir, reranker_dir)
     assert report.passed and report.notes[-1] == "left out (--skip-long): long (8192 tokens)"
     report = check_package(reranker_dir, variants=["fp32"], providers=[CPU], skip_long=True)
     assert report.passed and report.notes[-1] == "left out (--skip-long): cut at 1024"
+
+
+def test_serve_check_refuses_to_serve_a_failing_package(package_dir, tmp_path, capsys):
+    from m3_runtime.testing import free_port
+
+    pkg = _planted(package_dir, tmp_path / "bad")
+    assert main(["serve", str(pkg), "--variant", "fp32", "--check", "--port", str(free_port())]) == 2
+    err = capsys.readouterr().err
+    assert "m3 check FAILed" in err and "not serving it" in err and "dense_vecs of probe 'de'" in err
+
+
+def test_info_shows_the_served_models_check(package_dir):
+    import urllib.request
+
+    from m3_runtime.server import create_app
+    from m3_runtime.testing import start_server
+
+    model = M3Model(package_dir, variant="fp32")
+    url, server, thread = start_server(create_app(model))
+    try:
+        with urllib.request.urlopen(url + "/info") as res:
+            before = json.load(res)
+        model.check()
+        with urllib.request.urlopen(url + "/info") as res:
+            after = json.load(res)
+    finally:
+        server.should_exit = True
+        thread.join()
+    assert before["check"] is None
+    assert after["check"]["passed"] is True and after["check"]["results"][0]["status"] == "PASS"

@@ -635,6 +635,19 @@ def provider_in_use(package: Package, variant: str) -> tuple[str, list[str]]:
     return engine.providers[0], engine.fallbacks
 
 
+class CheckFailed(M3Error, RuntimeError):
+    """``m3 serve --check``: a served model FAILed its check."""
+
+
+def refuse_failed(report: CheckReport) -> None:
+    """Raise ``CheckFailed`` naming the first FAIL of ``report`` (SKIPs pass: nothing was wrong)."""
+    for row in report.results:
+        if row.status == "FAIL":
+            raise CheckFailed(
+                f"m3 check FAILed for {report.package} ({row.variant} on {row.ran_on}): {row.reason}; not serving it"
+            )
+
+
 def parse_list(value: str, what: str) -> list[str]:
     """``a,b,c`` -> ``["a", "b", "c"]`` for ``--variants`` / ``--providers``."""
     items = [v.strip() for v in value.split(",") if v.strip()]

@@ -215,6 +215,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     reranker = None
     if args.reranker is not None:
         reranker = _reranker(args.reranker, serving=True, variant=args.variant, **threads)
+    if args.check:
+        from .check import refuse_failed
+
+        for held in (model, reranker):
+            if held is not None:
+                report = held.check()  # kept on the model: /info shows it
+                print(report.table(), file=sys.stderr)
+                refuse_failed(report)
     config = ServerConfig(
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
@@ -361,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="require 'Authorization: Bearer KEY' on every endpoint but /health and /openapi.json "
         "(an environment variable, unlike a flag, is not shown to other users by ps; unset: no auth)",
+    )
+    srv.add_argument(
+        "--check",
+        action="store_true",
+        help="run m3 check on each served model (its variant, on the provider it runs on) before serving; "
+        "refuse to serve on a FAIL; /info shows the result",
     )
     srv.add_argument(
         "--log-texts", action="store_true", help="put request texts into the access log (default: counts only)"

@@ -472,13 +472,16 @@ class M3Model:
                 raise InputError(f"lexical_weights[{i}] has a key that is not a token id: {list(item)[:5]}") from None
         return converted[0] if len(converted) == 1 else converted
 
+    last_check: CheckReport | None = None  # what check() last returned (m3 serve --check: in /info)
+
     def check(self) -> CheckReport:
         """This model (its variant, on the provider it runs on) against the PyTorch outputs
         stored in its package at export, as ``m3 check`` does: one ``CheckResult`` row,
         PASS, FAIL or SKIP with the reason and the measures (``m3_runtime.check``)."""
         from .check import check_loaded
 
-        return check_loaded(self)
+        self.last_check = check_loaded(self)
+        return self.last_check
 
     def __repr__(self) -> str:
         return f"M3Model({str(self.package.root)!r}, variant={self.variant!r}, providers={self.providers})"

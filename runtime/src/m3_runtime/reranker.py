@@ -186,13 +186,16 @@ class M3Reranker:
         order = sorted(range(len(scores)), key=lambda i: -scores[i])
         return [Ranked(i, scores[i]) for i in order[:top_n]]
 
+    last_check: CheckReport | None = None  # what check() last returned (m3 serve --check: in /info)
+
     def check(self) -> CheckReport:
         """This model (its variant, on the provider it runs on) against the PyTorch outputs
         stored in its package at export, as ``m3 check`` does: one ``CheckResult`` row,
         PASS, FAIL or SKIP with the reason and the measures (``m3_runtime.check``)."""
         from .check import check_loaded
 
-        return check_loaded(self)
+        self.last_check = check_loaded(self)
+        return self.last_check
 
     def __repr__(self) -> str:
         return f"M3Reranker({str(self.package.root)!r}, variant={self.variant!r}, providers={self.providers})"

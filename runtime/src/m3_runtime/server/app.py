@@ -39,6 +39,7 @@ _PACKAGE_SCHEMA = {
         "max_length": {"type": "integer"},
         "outputs": {"type": "array", "items": {"type": "string"}},
         "query_instruction": _NULLABLE_STRING,
+        "check": {"type": ["object", "null"]},  # m3 serve --check's report (check.CheckReport.to_dict)
     },
 }
 INFO_SCHEMA = {
@@ -86,6 +87,7 @@ def describe(m: M3Model | M3Reranker, endpoints: list[str]) -> dict[str, Any]:
         "max_length": man.max_length,
         "outputs": list(man.output_names),
         "query_instruction": man.query_instruction,
+        "check": None if m.last_check is None else m.last_check.to_dict(),
     }
 
 
