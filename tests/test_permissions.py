@@ -112,3 +112,22 @@ def test_m3_info_and_load_name_an_unreadable_file(package_dir: Path, shared_dir:
     load = _as_nobody([sys.executable, "-m", "m3_runtime.cli", "encode", str(pkg), "--variant", "fp32", "hi"], work)
     assert load.returncode == 2
     assert f"package file {data} is not readable by this user (uid 65534): mode 0600" in load.stderr
+
+
+def test_an_unreadable_file_is_named_without_switching_user(package_dir: Path, monkeypatch, capsys) -> None:
+    """The same messages where the tests cannot switch user (root reads every file, so
+    this user's access check is what is replaced)."""
+    from m3_runtime import M3Model
+    from m3_runtime import package as package_module
+    from m3_runtime.cli import main
+    from m3_runtime.package import PackageError
+
+    data = (package_dir / "model.fp32.onnx.data").resolve()
+    real_access = os.access
+    monkeypatch.setattr(package_module.os, "access", lambda p, mode: Path(p) != data and real_access(p, mode))
+    assert main(["info", str(package_dir)]) == 0
+    flagged = [line for line in capsys.readouterr().out.splitlines() if "UNREADABLE" in line]
+    assert len(flagged) == 1 and f"package file {data} is not readable by this user" in flagged[0]
+    with pytest.raises(PackageError, match=rf"package file {data} is not readable by this user \(uid \d+\): mode 0"):
+        M3Model(package_dir, variant="fp32")
+    M3Model(package_dir, variant="int8")  # the other variants' files are readable
