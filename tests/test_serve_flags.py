@@ -59,6 +59,10 @@ def test_a_bad_variable_names_the_flag_and_the_variable(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "M3_LOG_TEXTS='maybe'" in err and "--log-texts" in err
     monkeypatch.delenv("M3_LOG_TEXTS")
+    monkeypatch.setenv("M3_VARIANT", "int4")
+    assert cli.main(["serve", "pkg"]) == 2
+    assert "M3_VARIANT='int4' (--variant) must be one of fp32, fp16, int8" in capsys.readouterr().err
+    monkeypatch.delenv("M3_VARIANT")
     monkeypatch.setenv("M3_WORKERS", "0")
     assert cli.main(["serve", "pkg"]) == 2
     assert "--workers (or M3_WORKERS) must be >= 1, got 0" in capsys.readouterr().err

@@ -47,8 +47,9 @@ def _typed(convert: Callable[[str], Any], flag: str, env: str) -> Callable[[str]
 
 def from_environment(parser: argparse.ArgumentParser) -> None:
     """Give every flag of ``parser`` its environment variable: the default when set, and
-    ``(env M3_X; default: ...)`` in its help. Bad boolean values are kept in ``env_errors``
-    (raised by the command, which can name them; argparse converts the others itself)."""
+    ``(env M3_X; default: ...)`` in its help. Bad boolean values and values outside a
+    flag's choices are kept in ``env_errors`` (raised by the command; argparse converts
+    the others itself, and its error names the variable through ``_typed``)."""
     errors: list[str] = []
     for action in parser._actions:
         if action.dest in ("help", "func", "env_errors") or isinstance(action, argparse._HelpAction):
@@ -67,6 +68,8 @@ def from_environment(parser: argparse.ArgumentParser) -> None:
                 action.type = _typed(action.type, flag, env)  # type: ignore[arg-type]
             if raw is not None:
                 action.default = raw  # argparse converts a string default with the flag's type
+                if action.choices is not None and raw not in action.choices:  # argparse checks no default
+                    errors.append(f"{env}={raw!r} ({flag}) must be one of {', '.join(map(str, action.choices))}")
         shown = "set" if action.dest in _SECRET and raw is not None else action.default
         default = "" if action.default is None or (action.dest in _SECRET and raw is None) else f"; default: {shown}"
         if action.help != argparse.SUPPRESS:
