@@ -195,6 +195,42 @@ def test_a_provider_that_fails_to_start_falls_back_with_one_line_quoting_ort(pac
     assert options["trt_timing_cache_path"] == str(cache)
 
 
+class _OrtWithFailingTensorrtBuild(_OrtWithBrokenGpu):
+    """TensorRT's session opens (as ONNX Runtime's does: the engine is built at the first
+    run), and the first run fails as a TensorRT engine build does."""
+
+    ERROR = "[ONNXRuntimeError] : 1 : FAIL : TensorRT EP failed to create engine from network for fused node: X"
+
+    def InferenceSession(self, path, sess_options=None, providers=None):
+        real = self.real.InferenceSession(path, sess_options=sess_options, providers=[CPU])
+        error = self.ERROR
+
+        class Session:
+            def __getattr__(self, name):
+                return getattr(real, name)
+
+            def get_providers(self):
+                return [TENSORRT, CPU]
+
+            def run(self, *args, **kwargs):
+                raise RuntimeError(error)
+
+        return Session()
+
+
+def test_a_failed_tensorrt_engine_build_is_skipped_with_its_message(package_dir, tmp_path, monkeypatch):
+    import onnxruntime
+    from m3_runtime import check, session
+
+    fake = _OrtWithFailingTensorrtBuild(onnxruntime)
+    monkeypatch.setattr(session, "import_ort", lambda: fake)
+    monkeypatch.setattr(check, "import_ort", lambda: fake)
+    (row,) = check_package(package_dir, variants=["fp16"], providers=[TENSORRT], cache_dir=tmp_path).results
+    assert (row.status, row.ran_on) == ("SKIP", TENSORRT)
+    assert row.reason.startswith(f"{TENSORRT} failed at its first run (its engine build): ONNX Runtime failed")
+    assert "TensorRT EP failed to create engine from network" in row.reason
+
+
 def test_tensorrt_profile_follows_max_length_and_the_batch_budget():
     from m3_runtime.session import tensorrt_profile
 
