@@ -40,9 +40,11 @@ File layout: a NumPy ``.npz`` (``np.savez_compressed``, no pickled objects; read
     max_length      (n,) int64    the max_length each pair was tokenized with
     scores          (n,) f32      the raw logit per pair
 
-Size for full-size BGE-M3 (H = 1,024): 29 probes with 9,007 tokens; 453 stored ColBERT
-rows x 4 KiB = 1.86 MB, dense 0.12 MB, sparse, ids and norms 0.14 MB: ~2.1 MB
-uncompressed (float data hardly compresses).
+Size for the full-size BGE-M3 architecture (H = 1,024) with the tiny checkpoint's
+1,094-piece tokenizer (``benchmarks/full_checkpoint.py``'s): 23 probes, 9,548 tokens, 689
+stored ColBERT rows x 4 KiB = 2.82 MB, dense 0.09 MB, ids, sparse weights and norms
+0.15 MB, texts 0.19 MB: 3.25 MB in memory, ~2.8 MB on disk (float data hardly
+compresses). The real 250k vocabulary makes fewer tokens per text, so fewer rows.
 """
 
 from __future__ import annotations
