@@ -81,6 +81,23 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"m3-export (m3-exporter) {__version__}")
+    parser.add_argument(
+        "--eval",
+        default=None,
+        metavar="DATA",
+        help="BEIR-layout folder: record each variant's retrieval quality against fp32 in the manifest "
+        "(m3 eval; needs m3-runtime[eval])",
+    )
+    parser.add_argument("--eval-split", default="test", help="qrels/<split>.tsv of --eval (default test)")
+    parser.add_argument(
+        "--max-ndcg-drop",
+        type=float,
+        default=0.01,
+        help="fail the export if a variant's nDCG@10 is below fp32's by more than this in any mode (default 0.01)",
+    )
+    parser.add_argument(
+        "--keep-anyway", action="store_true", help="write the package even over --max-ndcg-drop (recorded)"
+    )
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT")
     return parser
 
@@ -112,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
             query_instruction=args.query_instruction,
             int8_fp32_budget=args.int8_fp32_budget,
             int8_smooth=args.int8_smooth,
+            eval_data=args.eval,
+            eval_split=args.eval_split,
+            max_ndcg_drop=args.max_ndcg_drop,
+            keep_anyway=args.keep_anyway,
         )
     except (CheckpointError, ExportError, FileExistsError, ValueError) as exc:
         print(f"m3-export: error: {exc}", file=sys.stderr)

@@ -171,6 +171,10 @@ def export_package(
     query_instruction: str | None = None,
     int8_fp32_budget: float = outliers.DEFAULT_BUDGET,
     int8_smooth: float = 0.0,
+    eval_data: str | Path | None = None,
+    eval_split: str = "test",
+    max_ndcg_drop: float = 0.01,
+    keep_anyway: bool = False,
     say: Callable[[str], None] = _say,
 ) -> Manifest:
     """Export ``src`` (a local checkpoint or hub id) to a package in ``out``.
@@ -181,7 +185,10 @@ def export_package(
     files, config); ``query_instruction=""`` means none. ``int8_fp32_budget``: share of
     MatMul weights the int8 variant may keep in fp32 for outlier-heavy inputs (see
     ``outliers``; 0: every MatMul int8). ``int8_smooth``: SmoothQuant's alpha for the
-    int8 variant (see ``int8.smooth``; 0: off, 0.5 is the usual value).
+    int8 variant (see ``int8.smooth``; 0: off, 0.5 is the usual value). ``eval_data``: a
+    BEIR-layout folder; the variants' retrieval quality against fp32 on its
+    ``eval_split`` goes into the manifest, and an nDCG@10 drop over ``max_ndcg_drop``
+    fails the export unless ``keep_anyway`` (``quality_gate``).
 
     A reranker (``*ForSequenceClassification`` with one label, or ``kind="reranker"``) is
     validated on ``texts.RERANK_PAIRS`` tokenised as FlagReranker does (``M3Tokenizer.encode_pairs``)
@@ -195,6 +202,12 @@ def export_package(
         raise ValueError(f"--int8-smooth must be in 0..1 (0: off), got {int8_smooth:g}")
     if not 0 <= int8_fp32_budget <= 1:
         raise ValueError(f"--int8-fp32-budget must be in 0..1, got {int8_fp32_budget:g}")
+    if not 0 <= max_ndcg_drop <= 1:
+        raise ValueError(f"--max-ndcg-drop must be in 0..1, got {max_ndcg_drop:g}")
+    if eval_data is not None:
+        from .quality_gate import check_eval_inputs
+
+        check_eval_inputs(eval_data, eval_split)
     spec = find_spec(src)
     if spec is not None:
         kind = kind or spec.kind
@@ -339,6 +352,12 @@ def export_package(
         )
         if "int8" in infos:
             manifest = record_int8_check(work, manifest, say)
+        if eval_data is not None:
+            from .quality_gate import record_retrieval_eval
+
+            manifest = record_retrieval_eval(
+                work, manifest, eval_data, split=eval_split, max_ndcg_drop=max_ndcg_drop, keep_anyway=keep_anyway, say=say
+            )
         follow_umask(work)
         if out.exists():
             shutil.rmtree(out)  # only reached with force (checked above)

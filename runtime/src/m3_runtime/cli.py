@@ -155,6 +155,10 @@ def cmd_info(args: argparse.Namespace) -> None:
                 else f"verified, unchanged since ({record})"
             )
         )
+    if m.retrieval_eval:
+        from .evaluation.report import manifest_lines
+
+        lines.extend(manifest_lines(m.retrieval_eval))
     lines.append("built with   " + ", ".join(f"{k} {v}" for k, v in m.versions.items()))
     lines.append(f"providers    {', '.join(providers)} (this ONNX Runtime)")
     lines.append(f"default      {default_variant(list(m.variants), providers)} on this machine")

@@ -175,6 +175,9 @@ class Manifest:
     query_instruction: str | None = None  # prepended by encode_queries
     # The reference outputs file (REFERENCE_FILE); None in packages written before them.
     references: FileEntry | None = None
+    # m3-export --eval: retrieval quality of each variant on the user's data (m3 eval's
+    # figures and the bound; docs/evaluation.md). None: not evaluated at export.
+    retrieval_eval: dict[str, Any] | None = None
 
     @property
     def kind(self) -> ModelKind:
@@ -233,6 +236,7 @@ class Manifest:
                 normalize=bool(data.get("normalize", True)),
                 query_instruction=data.get("query_instruction"),
                 references=None if data.get("references") is None else FileEntry(**data["references"]),
+                retrieval_eval=None if data.get("retrieval_eval") is None else dict(data["retrieval_eval"]),
             )
         except KeyError as exc:
             raise ManifestError(f"manifest is missing the field {exc.args[0]!r}") from None

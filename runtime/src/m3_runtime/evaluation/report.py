@@ -104,3 +104,25 @@ def html_report(result: dict[str, Any]) -> str:
         f"<h1>m3 eval: {html.escape(result['data'])} ({html.escape(result['split'])})</h1>"
         f"<pre>{html.escape(table(result))}</pre>" + "".join(f"<div>{s}</div>" for s in svgs) + "</body></html>"
     )
+
+
+def manifest_lines(record: dict[str, Any]) -> list[str]:
+    """``m3 info``'s lines for the manifest's ``retrieval_eval`` (written by m3-export --eval)."""
+    metric = record.get("metric", "ndcg@10")
+    lines = [
+        f"retrieval    {metric} on {record.get('data')} ({record.get('split')}: {record.get('queries')} queries, "
+        f"{record.get('corpus')} passages), bound: a drop of at most {record.get('max_ndcg_drop')} vs fp32"
+    ]
+    deltas = {(d["variant"], d["mode"]): d for d in record.get("deltas", [])}
+    for r in record.get("results", []):
+        value = r["metrics"].get(metric)
+        if value is None:
+            continue
+        d = deltas.get((r["variant"], r["mode"]))
+        vs = "" if d is None else f" ({d['delta']:+.4f} vs fp32, 95% [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}])"
+        lines.append(f"  {r['variant']:5} {r['mode']:13} {value:.4f}{vs}")
+    for name, why in record.get("not_evaluated", {}).items():
+        lines.append(f"  {name:5} not evaluated at export: {why}")
+    if record.get("over_bound"):
+        lines.append("  OVER THE BOUND (kept with --keep-anyway): " + ", ".join(record["over_bound"]))
+    return lines
