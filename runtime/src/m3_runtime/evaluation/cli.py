@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ..errors import InputError
+from ..errors import InputError, UnsupportedOutput
 from .run import DEFAULT_WEIGHTS, MODES, EvalConfig
 
 
@@ -111,6 +111,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from .run import check_config
 
     check_config(cfg, kind)
+    if args.tune and not full:
+        raise UnsupportedOutput(
+            f"--tune weighs dense, sparse and ColBERT scores; {args.package} is a {kind.description}"
+        )
     data = data_mod.load(args.data, args.split)
     dev = data_mod.load(args.data, args.dev_split) if args.tune else None
     runs = evaluate(args.package, data, cfg, say=stderr)
