@@ -235,11 +235,13 @@ class Probes:
         return cls(list(names), m.model_kind, texts=list(texts), max_length=m.max_length)
 
 
-def observe(model: Any, probes: Probes, *, batched: bool) -> Observed:
+def observe(model: Any, probes: Probes, *, batched: bool, alone: Observed | None = None) -> Observed:
     """Run ``probes`` through ``model`` (an ``M3Model`` or ``M3Reranker``): all in as few calls
-    as the API makes (``batched``) or one probe per call."""
+    as the API makes (``batched``) or one probe per call. ``alone``: this model's run of one
+    probe per call, whose results a batched run takes for the probes that would be alone
+    in their batch anyway (the long ones: their forward pass is the costly one)."""
     if probes.kind == RERANKER_KIND:
-        return _observe_pairs(model, probes, batched=batched)
+        return _observe_pairs(model, probes, batched=batched, alone=alone)
     engine = model.engine
     has_heads = engine.kind.has("sparse_weights")
     n = len(probes.texts)
@@ -253,8 +255,16 @@ def observe(model: Any, probes: Probes, *, batched: bool) -> Observed:
     lengths = engine.tokenizer.encode(probes.texts, probes.max_length)
     shared = [i for i in range(n) if 2 * len(lengths[i]) <= engine.max_batch_tokens]
     groups = [shared] if batched else [[i] for i in range(n)]
-    if batched:
+    if batched and alone is None:
         groups += [[i] for i in range(n) if i not in shared]
+    elif batched and alone is not None:
+        for i in (i for i in range(n) if i not in shared):
+            tokens[i] = alone.tokens[i]
+            dense[i] = alone.dense[i]  # type: ignore[index]
+            if has_heads:
+                lexical[i] = alone.lexical[i]  # type: ignore[index]
+                colbert[i] = alone.colbert[i]  # type: ignore[index]
+                norms[i] = alone.norms[i]  # type: ignore[index]
     for group in groups:
         if not group:
             continue
@@ -282,7 +292,7 @@ def observe(model: Any, probes: Probes, *, batched: bool) -> Observed:
     return Observed(tokens=tokens, dense=stacked, lexical=lexical, colbert=colbert, norms=norms, nan=nan)
 
 
-def _observe_pairs(model: Any, probes: Probes, *, batched: bool) -> Observed:
+def _observe_pairs(model: Any, probes: Probes, *, batched: bool, alone: Observed | None = None) -> Observed:
     n = len(probes.pairs)
     scores = np.zeros(n, np.float32)
     tokens = np.zeros(n, np.int64)
@@ -291,6 +301,9 @@ def _observe_pairs(model: Any, probes: Probes, *, batched: bool) -> Observed:
         by_length.setdefault(length, []).append(i)
     groups = list(by_length.values()) if batched else [[i] for i in range(n)]
     for group in groups:
+        if batched and alone is not None and len(group) == 1:  # a batch of one: that run again
+            scores[group], tokens[group] = alone.scores[group], alone.tokens[group]  # type: ignore[index]
+            continue
         pairs = [probes.pairs[i] for i in group]
         length = probes.pair_lengths[group[0]]
         scores[group] = model.compute_score(pairs, max_length=length, normalize=False)
@@ -443,7 +456,8 @@ def run_one(
     model: Any, probes: Probes, ref: Observed, *, variant: str, exact: bool
 ) -> tuple[Status, str | None, dict[str, float]]:
     """Both runs of ``probes`` on a loaded model, compared with ``ref``."""
-    runs = [observe(model, probes, batched=True), observe(model, probes, batched=False)]
+    single = observe(model, probes, batched=False)
+    runs = [observe(model, probes, batched=True, alone=single), single]
     for got in runs:
         differ = _tokens_differ(ref, got, probes.names)
         if differ:
