@@ -505,7 +505,7 @@ def _baseline(package: Package, cache_dir: str | Path | None) -> tuple[Probes, O
         return probes, None, f"nothing: {note} and no fp32 variant to compare with", []
     fp32 = _open(package, "fp32", [CPU], cache_dir)
     base = observe(fp32, probes, batched=False)
-    return probes, base, f"fp32 on the CPU here ({note})", [note + "; fp32 on the CPU is the baseline, not checked"]
+    return probes, base, f"fp32 on the CPU here; {note}", [note + "; fp32 on the CPU is the baseline, not checked"]
 
 
 def check_package(
