@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -13,7 +12,7 @@ import numpy as np
 from ..contract import COLBERT, SPARSE
 from ..errors import InputError, UnsupportedOutput
 from . import metrics, retrieval
-from .data import RetrievalSet
+from .data import EvalDataError, RetrievalSet
 from .retrieval import Ranked, Say, Vectors
 
 MODES = ("dense", "sparse", "colbert", "dense+sparse", "all")
@@ -73,7 +72,8 @@ def check_config(cfg: EvalConfig, kind) -> None:
 class VariantEvaluator:
     """One loaded variant: encodes a set's queries and corpus, ranks, scores."""
 
-    def __init__(self, package: str, variant: str, cfg: EvalConfig, say: Say) -> None:
+    def __init__(self, package: str, variant: str, cfg: EvalConfig, say: Say, *, tuning: bool = False) -> None:
+        """``tuning``: keep the corpus' ColBERT rows (small corpora) whatever the modes."""
         from ..model import M3Model
 
         self.model = M3Model(package, variant=variant)  # type: ignore[arg-type]
@@ -82,17 +82,24 @@ class VariantEvaluator:
         self.has_colbert = self.model.engine.kind.has(COLBERT)
         self._corpus: Vectors | None = None
         self._colbert_source: Any = None
+        self.tuning = tuning
 
     def corpus(self, data: RetrievalSet) -> Vectors:
         if self._corpus is None:
             cfg = self.cfg
-            wants_colbert = any(m in ("colbert", "all") for m in cfg.modes) or self._tuning
+            wants_colbert = any(m in ("colbert", "all") for m in cfg.modes) or self.tuning
             if self.variant in cfg.embedded:
                 from .embedded import load_embedded
 
                 self._corpus, self._colbert_source = load_embedded(
                     cfg.embedded[self.variant], data.corpus_ids, id_column=cfg.embedded_id_column, say=self.say
                 )
+                width = self._corpus.dense.shape[1]
+                if width != self.model.hidden_size:
+                    raise EvalDataError(
+                        f"{cfg.embedded[self.variant]}: dense vectors of {width} dims, the package's have "
+                        f"{self.model.hidden_size}: embedded with another model"
+                    )
             else:
                 keep = wants_colbert and len(data) <= cfg.keep_colbert
                 self._corpus = retrieval.encode(
@@ -105,8 +112,6 @@ class VariantEvaluator:
                     label=f"{self.variant}: encoding corpus",
                 )
         return self._corpus
-
-    _tuning = False
 
     def colbert_of(self, data: RetrievalSet):
         corpus = self.corpus(data)
@@ -214,7 +219,3 @@ def results_json(runs: list[VariantRun], data: RetrievalSet, cfg: EvalConfig) ->
         "results": results,
         "deltas": deltas,
     }
-
-
-def data_path(value: str) -> Path:
-    return Path(value)

@@ -47,11 +47,10 @@ def _name(setting: Any) -> str:
 
 def tune(package: str, dev: RetrievalSet, test: RetrievalSet, cfg: EvalConfig, *, say: Say) -> dict[str, Any]:
     variant = cfg.variants[0]
-    ev = VariantEvaluator(package, variant, cfg, say)
+    ev = VariantEvaluator(package, variant, cfg, say, tuning=True)
     kind = ev.model.engine.kind
     if not (kind.has(SPARSE) and kind.has(COLBERT)):
         raise UnsupportedOutput(f"--tune weighs dense, sparse and ColBERT scores; the package is a {kind.description}")
-    ev._tuning = True
     ks = list(cfg.ks)
     objective = f"ndcg@{ks[0]}"
     _, dev_pools = ev.rankings(dev, ["all"], DEFAULT_WEIGHTS)
