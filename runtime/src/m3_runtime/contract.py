@@ -90,6 +90,15 @@ CPU = "CPUExecutionProvider"
 # Which execution providers each variant is built for. fp16 on the CPU provider runs,
 # but slower than fp32 (casts and fp32 fallbacks); int8 through ORT on GPUs is slower
 # than fp16.
+# The int8 graph's per-token activation quantization (exporter ``int8.py``) reads its
+# range from these initializers: 1/127 (scale = amax * it) and the uint8 zero point 128,
+# once as a scalar and once shaped (1, 1, 1). On x86 CPUs without VNNI ONNX Runtime's
+# u8 x s8 kernel sums pairs of products in int16 with saturation (vpmaddubsw), so the
+# runtime narrows activations to 7 bits there by overriding them (``session.py``).
+INT8_INV_RANGE = "m3_q_inv127"
+INT8_ZERO_POINT = "m3_q_zp"
+INT8_ZERO_POINT_3D = "m3_q_zp3"
+
 PROVIDERS_FOR_VARIANT: dict[Variant, tuple[str, ...]] = {
     "fp32": (CPU, CUDA),
     "fp16": (TENSORRT, CUDA),

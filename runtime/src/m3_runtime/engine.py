@@ -38,6 +38,7 @@ from .session import (
     create_session,
     default_cache_dir,
     default_variant,
+    int8_activation_bits,
     release_heap,
     run_options,
 )
@@ -188,6 +189,7 @@ class Engine:
             cache_dir=cache_root,
             intra_op_threads=intra_op_threads,
             allow_spinning=allow_spinning,
+            int8_bits=int8_activation_bits() if self.variant == "int8" else None,
         )
         graph = self.package.graph_path(self.variant)
         cache_key = variant_cache_key(info)

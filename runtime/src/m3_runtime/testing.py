@@ -3,6 +3,7 @@ loopback, and the measures that compare one variant's outputs with another's."""
 
 from __future__ import annotations
 
+import platform
 import socket
 import threading
 import time
@@ -12,6 +13,19 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+
+
+def saturating_cpu() -> bool:
+    """An x86 CPU without VNNI, where 8-bit int8 activations can saturate ONNX Runtime's
+    u8 x s8 kernel (``session.int8_activation_bits``); read from /proc/cpuinfo."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return False
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            flags = next((set(line.split(":", 1)[1].split()) for line in fh if line.startswith("flags")), set())
+    except OSError:
+        return False
+    return not flags & {"avx512_vnni", "avx_vnni"}
 
 
 def free_port(host: str = "127.0.0.1") -> int:
