@@ -356,7 +356,13 @@ def export_package(
             from .quality_gate import record_retrieval_eval
 
             manifest = record_retrieval_eval(
-                work, manifest, eval_data, split=eval_split, max_ndcg_drop=max_ndcg_drop, keep_anyway=keep_anyway, say=say
+                work,
+                manifest,
+                eval_data,
+                split=eval_split,
+                max_ndcg_drop=max_ndcg_drop,
+                keep_anyway=keep_anyway,
+                say=say,
             )
         follow_umask(work)
         if out.exists():
