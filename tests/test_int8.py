@@ -7,6 +7,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from m3_exporter.int8 import EMBEDDING_BLOCK, quantize_per_token
+from m3_runtime.session import int8_activation_bits, set_int8_activation_bits
 from onnx import TensorProto, helper, numpy_helper
 
 K, N = 48, 40
@@ -32,12 +33,22 @@ def _graph(w: np.ndarray, second: np.ndarray) -> onnx.ModelProto:
 
 
 def _reference(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Symmetric int8 per output column for w, per row (token) for x, exact integer product."""
+    """Symmetric int8 per output column for w, per row (token) for x in the runtime's
+    activation bits (7 on x86 without VNNI in this suite, conftest: 64 steps each side of
+    the zero point; else 8: 127), exact integer product."""
+    levels = 127 if int8_activation_bits() == 8 else 64
     sw = np.abs(w).max(axis=0) / 127
     wq = np.round(w / sw)
-    sx = np.abs(x).max(axis=-1, keepdims=True) / 127
+    sx = (np.abs(x).max(axis=-1, keepdims=True) * np.float32(1 / levels)).astype(np.float32)
     xq = np.round(x / sx)  # ONNX rounds half to even, like np.round
     return (xq.astype(np.float64) @ wq.astype(np.float64)) * sx * sw
+
+
+def _session(model: onnx.ModelProto) -> ort.InferenceSession:
+    """A CPU session at the activation bits the runtime uses (``set_int8_activation_bits``)."""
+    options = ort.SessionOptions()
+    set_int8_activation_bits(options, int8_activation_bits())
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +61,7 @@ def session():
     ops = [n.op_type for n in model.graph.node]
     assert ops.count("QuantizeLinear") == 1  # the shared input is quantized once
     assert ops.count("MatMul") == 1 and ops.count("MatMulIntegerToFloat") == 2
-    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]), w, w2
+    return _session(model), w, w2
 
 
 def test_matches_numpy_per_token_arithmetic(session):
@@ -127,7 +138,7 @@ def test_smoothing_improves_int8_on_an_outlier_channel(session):
         if alpha:
             smooth(model, {"x": np.abs(x).reshape(-1, K).max(axis=0)}, alpha)
         model, _ = quantize_per_token(model)
-        y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        y = _session(model).run(None, {"x": x})[0]
         errors.append(np.abs(y - exact).mean())
     assert errors[1] < 0.5 * errors[0], errors
 
@@ -141,7 +152,7 @@ def test_both_quantizer_forms_match_numpy():
     assert count == 3
     ql = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
     assert sorted(any(a.name == "block_size" for a in n.attribute) for n in ql) == [False, True]
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    sess = _session(model)
     x = rng.standard_normal((2, 3, K)).astype(np.float32)
     y, _, kept = sess.run(None, {"x": x})
     np.testing.assert_allclose(y, _reference(x, w), rtol=1e-5, atol=1e-5)
