@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from m3_runtime.session import int8_activation_bits
 from m3_runtime.testing import row_cosine, top10_overlaps
 
 TOL = 1e-5  # tests/test_parity.py: atol 1e-5 plus rtol 1e-5
@@ -378,8 +379,15 @@ def main(argv: list[str] | None = None) -> int:
         status = m3_main(command)
         report.check("m3 " + " ".join(command), status == 0, f"exit status {status}")
 
+    close = thresholds["fp16"]
+    if int8_activation_bits() == 7:
+        # 7-bit activations (an x86 host without VNNI, check_aarch64.sh): one rounding step
+        # is twice as large, so is a flipped one's effect; cosine distances get twice the
+        # room (measured x86 vs neoverse-n1: 4 of 36 texts off, dense cos min 0.999855,
+        # ColBERT row cos min 0.99814, top-10 overlap 1.0).
+        close = {**close, **{k: 1 - 2 * (1 - close[k]) for k in ("dense_cos_min", "colbert_cos_min")}}
     for other in args.against:
-        compare_saved(saved, other, report, close=thresholds["fp16"])
+        compare_saved(saved, other, report, close=close)
     if args.save:
         np.savez(args.save, **saved)
     if report.failed:
