@@ -83,7 +83,7 @@ def record_int8_check(work: Path, manifest: Manifest, say: Callable[[str], None]
     written) on this machine's CPU and record the measures in the manifest
     (``variants.int8.at_export``): int8's rounding differs with the inputs, so m3 check
     elsewhere holds int8 to its fixed bounds or to what it measured here, whichever is
-    looser (``m3_runtime.check.bound_for``). Returns the manifest as rewritten."""
+    looser (``m3_runtime.check_measures.bound_for``). Returns the manifest as rewritten."""
     from m3_runtime.check import check_package
 
     with tempfile.TemporaryDirectory() as cache:
