@@ -247,3 +247,65 @@ def test_request_timeout_answers_503_and_queued_work_never_runs(package_dir):
     finally:
         srv.should_exit = True
         thread.join(timeout=30)
+
+
+def _poison_token(package: Path, token_id: int) -> None:
+    """Make the fp32 graph's embedding row of ``token_id`` NaN, in place, and re-hash the
+    changed file in the manifest (as an export would): a model that gives NaN for any text
+    holding that token, and finite outputs for every other text."""
+    import hashlib
+
+    import onnx
+
+    graph = onnx.load(str(package / "model.fp32.onnx"), load_external_data=False)
+    table = next(t for t in graph.graph.initializer if t.name.endswith("word_embeddings.weight"))
+    where = {e.key: e.value for e in table.external_data}
+    hidden = table.dims[1]
+    data = package / where["location"]
+    with data.open("r+b") as f:
+        f.seek(int(where.get("offset", 0)) + token_id * hidden * 4)
+        f.write(np.full(hidden, np.nan, np.float32).tobytes())
+    manifest = json.loads((package / "manifest.json").read_text())
+    for entry in manifest["variants"]["fp32"]["files"]:
+        if entry["path"] == where["location"]:
+            entry["sha256"] = hashlib.sha256(data.read_bytes()).hexdigest()
+    (package / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_a_model_giving_nan_gets_500_naming_the_text_never_null(package_dir, tmp_path):
+    """orjson writes NaN as null; a model output holding NaN is refused with a 500 that
+    names the output and the text, and the texts without the poisoned token still work."""
+    import shutil
+
+    from m3_runtime.server import ServerConfig, create_app
+
+    pkg = tmp_path / "poisoned"
+    shutil.copytree(package_dir, pkg)
+    clean = M3Model(package_dir, variant="fp32")
+    token = clean.tokenizer.encode(["zebra"], 16)[0][-2]  # its last piece, not the shared "▁"
+    assert token not in clean.tokenizer.encode(["a quiet horse"], 16)[0]
+    _poison_token(pkg, token)
+    model = M3Model(pkg, variant="fp32")
+    assert np.isnan(model.encode(["zebra"])["dense_vecs"]).all()  # the oracle: the model itself gives NaN
+    port = free_port()
+    srv = uvicorn.Server(
+        uvicorn.Config(create_app(model, ServerConfig()), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(url, 60)
+        ok = httpx.post(url + "/encode", json={"texts": ["a quiet horse"]})
+        assert ok.status_code == 200 and np.isfinite(ok.json()["results"][0]["dense"]).all()
+        for path, body in (
+            ("/encode", {"texts": ["a quiet horse", "zebra"]}),
+            ("/v1/embeddings", {"input": ["a quiet horse", "zebra"]}),
+            ("/embed", {"inputs": ["a quiet horse", "zebra"]}),
+        ):
+            res = httpx.post(url + path, json=body)
+            assert res.status_code == 500, (path, res.text)
+            assert "dense output for text 1 holds NaN" in res.text and "null" not in res.text, (path, res.text)
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=30)

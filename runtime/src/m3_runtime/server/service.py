@@ -36,6 +36,22 @@ def _texts(value: str | list[str]) -> list[str]:
     return [value] if isinstance(value, str) else value
 
 
+def finite(out: Embeddings) -> Embeddings:
+    """``out`` unchanged, or a 500 naming the first text whose outputs hold NaN or infinity.
+
+    The answers are written by orjson, which writes NaN as ``null`` where the standard
+    library refused: this check keeps a broken model from answering ``null`` as a number."""
+    for name, rows in (
+        ("dense", out.dense),
+        ("colbert", out.colbert),
+        ("sparse", None if out.lexical is None else [np.fromiter(w.values(), np.float32) for w in out.lexical]),
+    ):
+        for i, row in enumerate(rows if rows is not None else ()):
+            if not np.isfinite(row).all():
+                raise RequestError(500, f"the model's {name} output for text {i} holds NaN or infinity")
+    return out
+
+
 class Service:
     """The state behind the routes: the models, their scheduler, readiness and metrics."""
 
@@ -135,7 +151,7 @@ class Service:
         note = NOTE.get()
         if note is not None:
             note.add_tokens(sum(o.tokens for o in outs))
-        return gather(outs, hidden_size=self.model.hidden_size, dense=dense, sparse=sparse, colbert=colbert)
+        return finite(gather(outs, hidden_size=self.model.hidden_size, dense=dense, sparse=sparse, colbert=colbert))
 
     async def whole_lengths(self, texts: list[str], field: str) -> None:
         """413 naming the first text longer than the model takes (for truncate=false)."""
@@ -174,7 +190,12 @@ class Service:
             return ids
 
         outs = await self.scheduler.submit(reranker.engine, len(pairs), tokenize, [SCORES])
-        return np.array([o.score for o in outs], dtype=np.float32)
+        logits = np.array([o.score for o in outs], dtype=np.float32)
+        if not np.isfinite(logits).all():
+            raise RequestError(
+                500, f"the reranker's logit for pair {int(np.flatnonzero(~np.isfinite(logits))[0])} is NaN or infinite"
+            )
+        return logits
 
     # -- native and OpenAI routes -------------------------------------------------
     async def embeddings(self, args: Any) -> dict:
