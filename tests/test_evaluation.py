@@ -281,6 +281,16 @@ def test_re_encoded_colbert_candidates_equal_kept_ones(package_dir, tiny_set):
             np.testing.assert_allclose(b.per_query[mode][name], values, atol=1e-9, err_msg=f"{mode} {name}")
 
 
+def test_float16_rows_convert_as_numpy_astype_does():
+    from m3_runtime.evaluation.retrieval import split_rows, to_float32
+
+    every = np.arange(1 << 16, dtype=np.uint16).view(np.float16)  # every bit pattern, NaNs and infinities too
+    got, want = to_float32(every), every.astype(np.float32)
+    assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    rows = split_rows(every[:12].reshape(4, 3), np.array([1, 3]))
+    assert [r.shape for r in rows] == [(1, 3), (3, 3)] and np.array_equal(np.concatenate(rows), want[:12].reshape(4, 3))
+
+
 def _colbert_oracle(pools, q_rows, p_rows) -> None:
     """Every pooled pair's ColBERT score is scoring.colbert_score of that query's and passage's rows."""
     pairs = 0

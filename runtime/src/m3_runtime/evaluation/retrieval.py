@@ -31,6 +31,7 @@ or float16; a 200-token passage is 800 kB in float32, 400 kB in float16).
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -210,9 +211,22 @@ class Pools:
     from_dense: list[np.ndarray] = field(default_factory=list)  # bool: in the dense top-C
 
 
+@functools.cache
+def _float16_table() -> np.ndarray:
+    """float32 of every float16 bit pattern (256 kB), as ``astype`` converts them."""
+    return np.arange(1 << 16, dtype=np.uint16).view(np.float16).astype(np.float32)
+
+
+def to_float32(rows: np.ndarray) -> np.ndarray:
+    """float16 through a table lookup: the same values as ``astype``, 2.5x faster here."""
+    if rows.dtype == np.float16:
+        return _float16_table()[rows.view(np.uint16)]
+    return np.asarray(rows, np.float32)
+
+
 def split_rows(flat: np.ndarray, counts: np.ndarray) -> list[np.ndarray]:
     """One chunk's rows ``(sum(counts), dim)`` (float16 or float32) as float32 views per passage."""
-    rows = np.asarray(flat, np.float32)  # float16 -> float32 once per chunk
+    rows = to_float32(flat)  # once per chunk
     return np.split(rows, np.cumsum(counts)[:-1]) if len(counts) else []
 
 
