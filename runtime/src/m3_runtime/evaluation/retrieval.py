@@ -297,6 +297,9 @@ def pools(
         out.colbert.append(np.full(len(union), np.nan))
     assert queries.colbert is not None
     q_rows = [np.asarray(v, np.float32) for v in queries.colbert]
+    empty = [q for q, v in enumerate(q_rows) if v.ndim != 2 or len(v) == 0]
+    if empty:
+        raise InputError(f"query {empty[0]}: ColBERT rows must be a non-empty [len, dim] array")
     # the pairs, passage-major: pair k is (query pair_q[k], its candidate slot pair_slot[k])
     sizes = [len(u) for u in out.indices]
     pair_p = np.concatenate(out.indices) if sizes else np.zeros(0, np.int64)
