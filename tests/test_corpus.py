@@ -220,3 +220,27 @@ def test_one_actor_killed_mid_run_then_a_rerun_completes_every_id_once(package_d
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr
     check_complete()
+
+
+def test_variant_flag_embeds_with_that_variant(local_ray, package_dir, golden, tmp_path):
+    """`m3 embed-corpus --variant fp32` embeds with fp32: its dense rows are FlagEmbedding's
+    (the goldens); the default on a CPU (int8) is not, at that tolerance, so the flag took effect."""
+    from m3_runtime.cli import main
+
+    src = tmp_path / "in.jsonl"
+    with src.open("w", encoding="utf-8") as fh:
+        for i, text in enumerate(golden["texts"]):
+            fh.write(json.dumps({"id": i, "text": text}, ensure_ascii=False) + "\n")
+    argv = [str(package_dir), str(src)]
+    assert main(["embed-corpus", *argv, str(tmp_path / "fp32"), "--variant", "fp32", "--outputs", "dense"]) == 0
+    assert main(["embed-corpus", *argv, str(tmp_path / "default"), "--outputs", "dense"]) == 0
+    fp32 = pq.read_table(tmp_path / "fp32" / "in.parquet")
+    assert fp32["id"].to_pylist() == list(range(len(golden["texts"])))
+    np.testing.assert_allclose(
+        np.array(fp32["dense"].to_pylist(), np.float32), golden["arrays"]["dense"], rtol=1e-5, atol=1e-5
+    )
+    default = np.array(pq.read_table(tmp_path / "default" / "in.parquet")["dense"].to_pylist(), np.float32)
+    assert M3Model(package_dir).variant != "fp32"
+    assert not np.allclose(default, golden["arrays"]["dense"], rtol=1e-5, atol=1e-5)
+    with pytest.raises(SystemExit):
+        main(["embed-corpus", *argv, str(tmp_path / "x"), "--variant", "int4"])

@@ -268,7 +268,7 @@ def test_embed_corpus_output_is_reused(package_dir, tiny_set, tmp_path):
 
 
 def test_re_encoded_colbert_candidates_equal_kept_ones(package_dir, tiny_set):
-    """Past keep_colbert passages the candidates' ColBERT rows are re-encoded per query block: same rankings."""
+    """Past keep_colbert passages each needed passage's ColBERT rows are re-encoded once: same rankings."""
     from m3_runtime.evaluation.run import evaluate
 
     data = evdata.load(tiny_set)
@@ -279,6 +279,99 @@ def test_re_encoded_colbert_candidates_equal_kept_ones(package_dir, tiny_set):
     for mode in ("colbert", "all"):
         for name, values in a.per_query[mode].items():
             np.testing.assert_allclose(b.per_query[mode][name], values, atol=1e-9, err_msg=f"{mode} {name}")
+
+
+def test_float16_rows_convert_as_numpy_astype_does():
+    from m3_runtime.evaluation.retrieval import split_rows, to_float32
+
+    every = np.arange(1 << 16, dtype=np.uint16).view(np.float16)  # every bit pattern, NaNs and infinities too
+    got, want = to_float32(every), every.astype(np.float32)
+    assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    rows = split_rows(every[:12].reshape(4, 3), np.array([1, 3]))
+    assert [r.shape for r in rows] == [(1, 3), (3, 3)] and np.array_equal(np.concatenate(rows), want[:12].reshape(4, 3))
+
+
+def _colbert_oracle(pools, q_rows, p_rows) -> None:
+    """Every pooled pair's ColBERT score is scoring.colbert_score of that query's and passage's rows."""
+    pairs = 0
+    for q, (union, got) in enumerate(zip(pools.indices, pools.colbert, strict=True)):
+        want = [scoring.colbert_score(q_rows[q], p_rows[int(i)]) for i in union]
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7, err_msg=f"query {q}")
+        pairs += len(union)
+    assert pairs > len(pools.indices)  # several candidates per query
+
+
+def test_colbert_rescoring_equals_per_pair_colbert_score_from_every_source(
+    package_dir, tiny_set, tmp_path, monkeypatch
+):
+    """Passage-major re-scoring against a direct per-pair ``scoring.colbert_score``, with the
+    rows kept, re-encoded (one passage per chunk, so chunks are many) and read from float16
+    Parquet written by embed-corpus' own actor code (two files: one as embed-corpus writes it,
+    one in row groups of 2 rows, so some groups are skipped; needed rows taken 2 at a time). The oracle's passage rows are the model's own (kept, re-encoded) and the
+    Parquet's own values read back as Python lists (float16 -> float32)."""
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    from m3_runtime import M3Model
+    from m3_runtime.corpus import FILE, ROW, CorpusJob, Embedder, parquet_options
+    from m3_runtime.evaluation import embedded, retrieval
+
+    data = evdata.load(tiny_set)
+    cfg = EvalConfig(variants=["fp32"], modes=["colbert", "all"], ks=[3], candidates=3)
+    ev = VariantEvaluator(str(package_dir), "fp32", cfg, say=lambda _m: None)
+    queries, corpus = ev.queries(data), ev.corpus(data)
+    assert queries.colbert is not None and corpus.colbert is not None
+    first = retrieval.first_stage(
+        queries, corpus, depth=3, modes=["dense", "sparse"], weights=(0.4, 0.2, 0.4), say=lambda _m: None
+    )
+    said: list[str] = []
+    kept = retrieval.pools(
+        queries, corpus, first, candidates=3, colbert_rows=retrieval.kept_rows(corpus.colbert), say=said.append
+    )
+    needed = len(set(np.concatenate(kept.indices).tolist()))
+    assert 3 < needed < len(TEXTS)  # some passages are nobody's candidate
+    assert said[-1].startswith(f"colbert re-scoring: {needed}/{needed} passages (100%)")
+    _colbert_oracle(kept, queries.colbert, corpus.colbert)
+
+    monkeypatch.setattr(retrieval, "COLBERT_BUDGET", 1)  # one passage per chunk
+    model = M3Model(package_dir, variant="fp32")
+    again = retrieval.pools(
+        queries,
+        corpus,
+        first,
+        candidates=3,
+        colbert_rows=retrieval.encoded_rows(model, data.corpus_texts, max_length=None),
+        say=lambda _m: None,
+    )
+    _colbert_oracle(again, queries.colbert, model.encode_corpus(TEXTS, return_colbert_vecs=True)["colbert_vecs"])
+
+    job = CorpusJob(
+        package=str(package_dir), id_column="_id", outputs=("dense", "sparse", "colbert"), colbert_dtype="float16"
+    )
+    batch = pa.table(
+        {
+            "_id": data.corpus_ids,
+            "text": data.corpus_texts,
+            ROW: pa.array(range(len(data)), pa.int64()),
+            FILE: pa.array([0] * len(data), pa.int32()),
+        }
+    )
+    table = Embedder(job, 1)(batch).drop_columns([ROW, FILE])
+    assert table.schema.field("colbert").type.value_type.value_type == pa.float16()
+    folder = tmp_path / "emb16"
+    folder.mkdir()
+    pq.write_table(table.slice(0, 5), folder / "a.parquet", **parquet_options(table))  # as embed-corpus writes
+    pq.write_table(table.slice(5), folder / "b.parquet", row_group_size=2)
+    colbert_chunk = pq.ParquetFile(folder / "a.parquet").metadata.row_group(0).column(5)
+    assert colbert_chunk.path_in_schema.startswith("colbert") and "RLE_DICTIONARY" not in colbert_chunk.encodings
+    monkeypatch.setattr(embedded, "BATCH_ROWS", 2)
+    stored, rows = embedded.load_embedded(folder, data.corpus_ids, say=lambda _m: None)
+    assert rows is not None
+    first = retrieval.first_stage(
+        queries, stored, depth=3, modes=["dense", "sparse"], weights=(0.4, 0.2, 0.4), say=lambda _m: None
+    )
+    read = retrieval.pools(queries, stored, first, candidates=3, colbert_rows=rows, say=lambda _m: None)
+    oracle = [np.array(r, np.float32) for r in pq.read_table(folder).column("colbert").to_pylist()]
+    _colbert_oracle(read, queries.colbert, oracle)
 
 
 def test_embedded_folder_missing_an_id_is_named(tmp_path, tiny_set):

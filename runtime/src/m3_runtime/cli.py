@@ -260,6 +260,7 @@ def cmd_embed_corpus(args: argparse.Namespace) -> None:
 
     job = CorpusJob(
         package=str(Path(args.package).resolve()),
+        variant=args.variant,
         text_column=args.text_column,
         id_column=args.id_column,
         outputs=parse_outputs(args.outputs),
@@ -398,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     corpus.add_argument("package")
     corpus.add_argument("input", help="a .parquet/.jsonl file or a folder of them (path or URI: file://, s3://, ...)")
     corpus.add_argument("output", help="folder for one .parquet per input file (path or URI)")
+    corpus.add_argument("--variant", choices=VARIANTS, default=None, help="default: picked by provider (int8 on a CPU)")
     corpus.add_argument("--text-column", default="text")
     corpus.add_argument("--id-column", default="id")
     corpus.add_argument("--outputs", default="dense,sparse", help="comma-separated: dense, sparse, colbert")

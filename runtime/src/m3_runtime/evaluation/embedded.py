@@ -3,8 +3,15 @@
 The id column must hold the BEIR ``_id`` values (embed the corpus with ``--id-column
 _id``, or pass ``--embedded-id-column``); every corpus id must be present. Dense and
 sparse columns are read batch by batch into one float32 matrix and CSR arrays in the
-corpus' order. A ``colbert`` column (float32 or float16) is not loaded: the candidates'
-rows are read from the files when they are re-scored; without it they are re-encoded.
+corpus' order. A ``colbert`` column (float32 or float16) is not loaded:
+``parquet_rows`` reads the candidates' rows when they are re-scored (without the
+column they are re-encoded). It reads each file once: only the ``colbert`` column, only
+the row groups that hold needed rows, one row group at a time (embed-corpus writes row
+groups of at most ``corpus.COLBERT_ROW_GROUP_BYTES`` of it; a file written before that
+is one row group, read whole). The needed rows go ``BATCH_ROWS`` at a time through
+Arrow's ``flatten().to_numpy()``, with no Python lists, and become float32 together.
+Memory: one row group of the column (compressed and decoded) and ``BATCH_ROWS`` needed
+rows in float32 (100 MB for 200-token passages).
 """
 
 from __future__ import annotations
@@ -15,7 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from .data import EvalDataError
-from .retrieval import Say, Vectors
+from .retrieval import ColbertRows, Say, Vectors, split_rows
+
+BATCH_ROWS = 128  # rows per record batch read from the colbert column
 
 
 def _files(folder: str | Path) -> list[Path]:
@@ -27,7 +36,7 @@ def _files(folder: str | Path) -> list[Path]:
 
 
 def load_embedded(folder: str | Path, corpus_ids: Sequence[str], *, id_column: str = "_id", say: Say):
-    """``(Vectors, colbert_of or None)`` from embed-corpus Parquet files, rows in ``corpus_ids`` order."""
+    """``(Vectors, ColbertRows or None)`` from embed-corpus Parquet files, rows in ``corpus_ids`` order."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -38,9 +47,11 @@ def load_embedded(folder: str | Path, corpus_ids: Sequence[str], *, id_column: s
     seen = np.zeros(n, bool)
     lex_rows: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0, np.int64), np.zeros(0, np.float32))] * n
     has_sparse = True
-    where: dict[int, tuple[Path, int]] = {}  # corpus index -> (file, row) for the colbert column
+    files = _files(folder)
+    file_of = np.full(n, -1, np.int32)  # corpus index -> (file, row) for the colbert column
+    row_of = np.zeros(n, np.int64)
     has_colbert = True
-    for path in _files(folder):
+    for number, path in enumerate(files):
         schema = pq.read_schema(path)
         names = schema.names
         if id_column not in names:
@@ -75,8 +86,8 @@ def load_embedded(folder: str | Path, corpus_ids: Sequence[str], *, id_column: s
                     )
                 ):
                     lex_rows[idx[j]] = (np.asarray(ti, np.int64), np.asarray(tw, np.float32))
-            for j, i in enumerate(idx):
-                where[int(i)] = (path, row + j)
+            file_of[idx] = number
+            row_of[idx] = row + np.arange(len(idx))
             row += len(ids)
         say(f"read {path} ({row} rows)")
     if not seen.all():
@@ -88,20 +99,41 @@ def load_embedded(folder: str | Path, corpus_ids: Sequence[str], *, id_column: s
         counts = np.array([len(t) for t, _ in lex_rows], np.int64)
         indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         sparse = (indptr, np.concatenate([t for t, _ in lex_rows]), np.concatenate([w for _, w in lex_rows]))
-    colbert_of = None
-    if has_colbert:
+    colbert = parquet_rows(files, file_of, row_of, width=dense.shape[1]) if has_colbert else None
+    return Vectors(dense=dense, sparse=sparse), colbert
 
-        def colbert_of(indices: np.ndarray) -> list[np.ndarray]:
-            by_file: dict[Path, list[tuple[int, int]]] = {}
-            for k, i in enumerate(indices):
-                path, row = where[int(i)]
-                by_file.setdefault(path, []).append((k, row))
-            out: list[np.ndarray] = [np.zeros(0)] * len(indices)
-            for path, wanted in by_file.items():
-                col = pq.read_table(path, columns=["colbert"]).column("colbert")
-                picked = col.take([r for _, r in wanted]).to_pylist()
-                for (k, _), rows in zip(wanted, picked, strict=True):
-                    out[k] = np.asarray(rows, np.float32)
-            return out
 
-    return Vectors(dense=dense, sparse=sparse), colbert_of
+def parquet_rows(files: Sequence[Path], file_of: np.ndarray, row_of: np.ndarray, *, width: int) -> ColbertRows:
+    """The ``colbert`` column of ``files``: corpus index ``i`` is row ``row_of[i]`` of ``files[file_of[i]]``.
+
+    Several indices may share a row (each gets its copy). Needed rows are read file by
+    file, row group by row group (only groups holding one), ``BATCH_ROWS`` at a time."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    def rows(needed: np.ndarray):
+        order = np.lexsort((row_of[needed], file_of[needed]))  # file by file, row by row
+        needed = needed[order]
+        for number in np.unique(file_of[needed]).tolist():
+            idx = needed[file_of[needed] == number]
+            wanted = row_of[idx]
+            reader = pq.ParquetFile(files[number])
+            sizes = [reader.metadata.row_group(g).num_rows for g in range(reader.num_row_groups)]
+            bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+            group_of = np.searchsorted(bounds, wanted, side="right") - 1
+            for g in np.unique(group_of).tolist():
+                # one row group's colbert column chunk at a time (iter_batches reads ahead)
+                column = reader.read_row_group(g, columns=["colbert"], use_threads=False).column(0)
+                in_group = np.flatnonzero(group_of == g)
+                for a in range(0, len(in_group), BATCH_ROWS):
+                    take = in_group[a : a + BATCH_ROWS]
+                    picked = column.take(pa.array(wanted[take] - bounds[g])).combine_chunks()
+                    counts = pc.list_value_length(picked).to_numpy(zero_copy_only=False)
+                    vectors = picked.flatten()  # fixed-size lists of the ColBERT dim
+                    dim = vectors.type.list_size if pa.types.is_fixed_size_list(vectors.type) else width
+                    flat = vectors.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+                    yield idx[take], split_rows(flat, counts)
+                del column
+
+    return rows

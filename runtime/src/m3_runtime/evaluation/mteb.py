@@ -126,11 +126,10 @@ class M3Search:
             self.model, texts, sparse=kind.has(SPARSE), colbert=keep, max_length=None, say=self.quiet, label="corpus"
         )
 
-    def _colbert_of(self, indices: np.ndarray) -> list[np.ndarray]:
+    def _colbert_rows(self) -> retrieval.ColbertRows:
         if self.corpus.colbert is not None:
-            return [self.corpus.colbert[int(i)] for i in indices]
-        out = self.model.embed([self.texts[int(i)] for i in indices], dense=False, colbert=True)
-        return out.colbert or []
+            return retrieval.kept_rows(self.corpus.colbert)
+        return retrieval.encoded_rows(self.model, self.texts, max_length=None)
 
     def search(self, queries, *, top_k: int, **_: Any) -> dict[str, dict[str, float]]:
         kind = self.model.engine.kind
@@ -152,7 +151,7 @@ class M3Search:
         )
         if pooled:
             pools = retrieval.pools(
-                q, self.corpus, first, candidates=self.candidates, colbert_of=self._colbert_of, say=self.quiet
+                q, self.corpus, first, candidates=self.candidates, colbert_rows=self._colbert_rows(), say=self.quiet
             )
             ranked = (
                 retrieval.colbert_ranking(pools)

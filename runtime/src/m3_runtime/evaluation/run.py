@@ -113,20 +113,15 @@ class VariantEvaluator:
                 )
         return self._corpus
 
-    def colbert_of(self, data: RetrievalSet):
+    def colbert_rows(self, data: RetrievalSet) -> retrieval.ColbertRows:
+        """Where the candidates' ColBERT rows come from: kept, embed-corpus' column, or re-encoded."""
         corpus = self.corpus(data)
-
-        def get(indices: np.ndarray) -> list[np.ndarray]:
-            if corpus.colbert is not None:
-                return [corpus.colbert[int(i)] for i in indices]
-            if self._colbert_source is not None:
-                return self._colbert_source(indices)
-            # large corpus: re-encode the candidates (float32, as the model gives them)
-            texts = [data.corpus_texts[int(i)] for i in indices]
-            out = self.model.embed(texts, max_length=self.cfg.max_length, dense=False, colbert=True)
-            return out.colbert or []
-
-        return get
+        if corpus.colbert is not None:
+            return retrieval.kept_rows(corpus.colbert)
+        if self._colbert_source is not None:
+            return self._colbert_source
+        # large corpus: re-encode each needed passage once (float32, as the model gives them)
+        return retrieval.encoded_rows(self.model, data.corpus_texts, max_length=self.cfg.max_length)
 
     def queries(self, data: RetrievalSet) -> Vectors:
         return retrieval.encode(
@@ -154,7 +149,7 @@ class VariantEvaluator:
         pools = None
         if pooled:
             pools = retrieval.pools(
-                q, c, first, candidates=cfg.candidates, colbert_of=self.colbert_of(data), say=self.say
+                q, c, first, candidates=cfg.candidates, colbert_rows=self.colbert_rows(data), say=self.say
             )
             if "colbert" in modes:
                 ranked["colbert"] = retrieval.colbert_ranking(pools)
