@@ -268,12 +268,12 @@ def test_embed_corpus_output_is_reused(package_dir, tiny_set, tmp_path):
 
 
 def test_re_encoded_colbert_candidates_equal_kept_ones(package_dir, tiny_set):
-    """Past keep_colbert passages each needed passage's ColBERT rows are re-encoded once: same rankings."""
+    """Past keep_colbert_bytes of rows each needed passage's ColBERT rows are re-encoded once: same rankings."""
     from m3_runtime.evaluation.run import evaluate
 
     data = evdata.load(tiny_set)
     kept = EvalConfig(variants=["fp32"], modes=["colbert", "all"], ks=[3], candidates=5)
-    again = EvalConfig(variants=["fp32"], modes=["colbert", "all"], ks=[3], candidates=5, keep_colbert=0)
+    again = EvalConfig(variants=["fp32"], modes=["colbert", "all"], ks=[3], candidates=5, keep_colbert_bytes=0)
     a = evaluate(str(package_dir), data, kept, say=lambda _m: None)[0]
     b = evaluate(str(package_dir), data, again, say=lambda _m: None)[0]
     for mode in ("colbert", "all"):

@@ -121,9 +121,15 @@ class M3Search:
         texts = [f"{t} {x}" if t and str(t).strip() else x for t, x in zip(titles, corpus["text"], strict=True)]
         self.texts = texts
         kind = self.model.engine.kind
-        keep = self.mode in ("colbert", "all") and len(texts) <= 20_000
         self.corpus = retrieval.encode(
-            self.model, texts, sparse=kind.has(SPARSE), colbert=keep, max_length=None, say=self.quiet, label="corpus"
+            self.model,
+            texts,
+            sparse=kind.has(SPARSE),
+            colbert=self.mode in ("colbert", "all"),
+            colbert_bytes=retrieval.KEEP_COLBERT_BYTES,
+            max_length=None,
+            say=self.quiet,
+            label="corpus",
         )
 
     def _colbert_rows(self) -> retrieval.ColbertRows:

@@ -47,6 +47,9 @@ CSR = tuple[np.ndarray, np.ndarray, np.ndarray]  # indptr, token ids, weights
 
 SCORE_BUDGET = 1 << 25  # floats per chunk of scores/sparse rows (128 MiB in float32)
 COLBERT_BUDGET = 1 << 25  # floats of passage ColBERT rows per chunk (128 MiB in float32)
+# A corpus' ColBERT rows are kept from its encoding up to this (float32; about 5,000
+# passages of 200 tokens), else re-encoded for the candidates: 20,000 such passages are 16 GB.
+KEEP_COLBERT_BYTES = 4 << 30
 
 ColbertRows = Callable[[np.ndarray], Iterator[tuple[np.ndarray, list[np.ndarray]]]]
 """Called with sorted unique corpus indices; yields ``(indices, float32 (tokens, dim) rows
@@ -111,26 +114,43 @@ def encode(
     say: Say,
     label: str,
     chunk: int = 256,
+    colbert_bytes: int | None = None,
 ) -> Vectors:
-    """Encode ``texts`` in chunks (progress on ``say``); lexical weights become CSR arrays."""
+    """Encode ``texts`` in chunks (progress on ``say``); lexical weights become CSR arrays.
+
+    ``colbert``: keep every text's ColBERT rows (float32), unless they pass
+    ``colbert_bytes`` in all: then none are kept (``Vectors.colbert`` is None, and the
+    candidates' rows are re-encoded when they are re-scored)."""
     progress = Progress(label, len(texts), say, unit="texts")
     dense: list[np.ndarray] = []
     lexical: list[dict[str, float]] = []
-    vecs: list[np.ndarray] = []
+    vecs: list[np.ndarray] | None = [] if colbert else None
+    held = 0
     for start in range(0, len(texts), chunk):
         out = model.embed(
-            list(texts[start : start + chunk]), max_length=max_length, dense=True, sparse=sparse, colbert=colbert
+            list(texts[start : start + chunk]),
+            max_length=max_length,
+            dense=True,
+            sparse=sparse,
+            colbert=vecs is not None,
         )
         dense.append(out.dense)
         if sparse:
             lexical.extend(out.lexical)
-        if colbert:
-            vecs.extend(out.colbert)
+        if vecs is not None:
+            vecs.extend(np.asarray(v, np.float32) for v in out.colbert)
+            held += sum(v.nbytes for v in out.colbert)
+            if colbert_bytes is not None and held > colbert_bytes:
+                say(
+                    f"{label}: ColBERT rows past {colbert_bytes / 2**30:.1f} GiB after {len(vecs)} texts: "
+                    "not kept; each candidate passage's rows are re-encoded when re-scored"
+                )
+                vecs = None
         progress.update(len(out.dense))
     return Vectors(
         dense=np.concatenate(dense) if dense else np.zeros((0, model.hidden_size), np.float32),
         sparse=scoring.lexical_csr(lexical) if sparse else None,
-        colbert=vecs if colbert else None,
+        colbert=vecs,
         lexical=lexical if sparse else None,
     )
 

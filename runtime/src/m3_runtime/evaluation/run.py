@@ -31,7 +31,8 @@ class EvalConfig:
     rerank_top: int = 100
     rerank_after: str = "dense"
     max_length: int | None = None  # passages' truncation; None: the package's
-    keep_colbert: int = 20_000  # keep the corpus' ColBERT rows up to this many passages
+    # keep the corpus' ColBERT rows (float32) up to this many bytes, else re-encode candidates
+    keep_colbert_bytes: int = retrieval.KEEP_COLBERT_BYTES
     embedded: dict[str, str] = field(default_factory=dict)  # variant -> m3 embed-corpus output
     embedded_id_column: str = "_id"
 
@@ -101,12 +102,12 @@ class VariantEvaluator:
                         f"{self.model.hidden_size}: embedded with another model"
                     )
             else:
-                keep = wants_colbert and len(data) <= cfg.keep_colbert
                 self._corpus = retrieval.encode(
                     self.model,
                     data.corpus_texts,
                     sparse=self.has_sparse,
-                    colbert=keep,
+                    colbert=wants_colbert,
+                    colbert_bytes=cfg.keep_colbert_bytes,
                     max_length=cfg.max_length,
                     say=self.say,
                     label=f"{self.variant}: encoding corpus",
