@@ -236,7 +236,7 @@ def main() -> None:
     limit = statistics.mean(bounds) if bounds else None
     report["results"] = {}
     print(
-        f"\n{'engine':<30}{'workload':<10}{'tokens':>7}{'tokens/s':>10}  {'x ' + ref + ' [min-max]':<24}"
+        f"\n{'engine':<36}{'workload':<10}{'tokens':>7}{'tokens/s':>10}  {'x ' + ref + ' [min-max]':<24}"
         f"{'share of bound':>15}{'load s':>8}{'peak MB':>9}"
     )
     for spec in specs:
@@ -258,7 +258,7 @@ def main() -> None:
             r = entry["ratio"]
             share = f"{entry['share_of_bound']:.2f}" if limit else "-"
             print(
-                f"{spec:<30}{w:<10}{tokens[w]:>7}{entry['tokens_per_s']['median']:>10.1f}  "
+                f"{spec:<36}{w:<10}{tokens[w]:>7}{entry['tokens_per_s']['median']:>10.1f}  "
                 f"{r['median']:.2f} [{r['min']:.2f}-{r['max']:.2f}]{'':<11}{share:>15}"
                 f"{entry['load_s']:>8.1f}{peaks[spec]:>9.0f}"
             )
