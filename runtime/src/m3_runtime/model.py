@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -21,10 +21,8 @@ from .contract import COLBERT, DENSE, SPARSE, Variant
 from .engine import DEFAULT_BATCH_SIZE, Engine, check_positive, check_unicode
 from .errors import InputError, InputTypeError, UnsupportedOutput
 from .heads import TextOutput, split_batch
+from .self_check import SelfCheck
 from .tokenize import format_instruction
-
-if TYPE_CHECKING:
-    from .check import CheckReport
 
 EncodeResult = dict[str, Any]
 Texts = str | Sequence[str]
@@ -113,7 +111,7 @@ def pair_scores(q: Embeddings, p: Embeddings, *, weights: Sequence[float], chunk
     )
 
 
-class M3Model:
+class M3Model(SelfCheck):
     """Dense, sparse (lexical) and ColBERT outputs of BGE-M3 from one ONNX Runtime pass.
 
     Args:
@@ -471,17 +469,6 @@ class M3Model:
             except ValueError:
                 raise InputError(f"lexical_weights[{i}] has a key that is not a token id: {list(item)[:5]}") from None
         return converted[0] if len(converted) == 1 else converted
-
-    last_check: CheckReport | None = None  # what check() last returned (m3 serve --check: in /info)
-
-    def check(self) -> CheckReport:
-        """This model (its variant, on the provider it runs on) against the PyTorch outputs
-        stored in its package at export, as ``m3 check`` does: one ``CheckResult`` row,
-        PASS, FAIL or SKIP with the reason and the measures (``m3_runtime.check``)."""
-        from .check import check_loaded
-
-        self.last_check = check_loaded(self)
-        return self.last_check
 
     def __repr__(self) -> str:
         return f"M3Model({str(self.package.root)!r}, variant={self.variant!r}, providers={self.providers})"

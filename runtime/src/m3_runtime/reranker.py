@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,10 +23,8 @@ from .engine import Engine, check_positive, check_unicode
 from .errors import InputError, InputTypeError
 from .heads import sigmoid
 from .model import as_pairs
+from .self_check import SelfCheck
 from .tokenize import format_instruction
-
-if TYPE_CHECKING:
-    from .check import CheckReport
 
 # FlagReranker's defaults.
 RERANK_BATCH_SIZE = 128
@@ -42,7 +39,7 @@ class Ranked:
     score: float
 
 
-class M3Reranker:
+class M3Reranker(SelfCheck):
     """Cross-encoder scores of (query, passage) pairs, FlagReranker's numbers without PyTorch.
 
     Args: as ``M3Model`` for ``variant``, ``providers`` and the loading options, plus
@@ -185,17 +182,6 @@ class M3Reranker:
         scores = self.compute_score([(query, p) for p in passages], normalize=normalize) if passages else []
         order = sorted(range(len(scores)), key=lambda i: -scores[i])
         return [Ranked(i, scores[i]) for i in order[:top_n]]
-
-    last_check: CheckReport | None = None  # what check() last returned (m3 serve --check: in /info)
-
-    def check(self) -> CheckReport:
-        """This model (its variant, on the provider it runs on) against the PyTorch outputs
-        stored in its package at export, as ``m3 check`` does: one ``CheckResult`` row,
-        PASS, FAIL or SKIP with the reason and the measures (``m3_runtime.check``)."""
-        from .check import check_loaded
-
-        self.last_check = check_loaded(self)
-        return self.last_check
 
     def __repr__(self) -> str:
         return f"M3Reranker({str(self.package.root)!r}, variant={self.variant!r}, providers={self.providers})"
