@@ -484,7 +484,25 @@ def _is_current(package: Path, variants: list[str]) -> bool:
 
 
 def ensure_package(checkpoint: Path, package: Path, variants: list[str]) -> None:
+    """Export ``checkpoint`` to ``package`` unless a current export is there already.
+
+    Only a folder this script wrote (it holds ``.exporter-stamp``), or an absent or empty
+    one, is (re)written. A package from elsewhere (``--package`` naming one exported by
+    ``m3-export``) is used as it is, or refused if it lacks a variant: it is never
+    overwritten."""
     if _is_current(package, variants):
+        return
+    if package.is_dir() and any(package.iterdir()) and not (package / ".exporter-stamp").is_file():
+        if not (package / "manifest.json").is_file():
+            raise SystemExit(f"--package {package}: not empty and not a package; give an absent or empty folder")
+        have = set(json.loads((package / "manifest.json").read_text())["variants"])
+        missing = sorted(set(variants) - have)
+        if missing:
+            raise SystemExit(
+                f"--package {package} has no {', '.join(missing)} variant (it has {', '.join(sorted(have))}); "
+                "export them with m3-export, or give an absent folder for this script to export into"
+            )
+        print(f"using {package} as it is (not written by this script, so never re-exported)", file=sys.stderr)
         return
     from m3_exporter import export_package
 
