@@ -483,13 +483,15 @@ def _is_current(package: Path, variants: list[str]) -> bool:
     return set(variants) <= set(json.loads(manifest.read_text())["variants"])
 
 
-def ensure_package(checkpoint: Path, package: Path, variants: list[str]) -> None:
+def ensure_package(
+    checkpoint: Path, package: Path, variants: list[str], build: Callable[[Path], object] | None = None
+) -> None:
     """Export ``checkpoint`` to ``package`` unless a current export is there already.
 
     Only a folder this script wrote (it holds ``.exporter-stamp``), or an absent or empty
     one, is (re)written. A package from elsewhere (``--package`` naming one exported by
     ``m3-export``) is used as it is, or refused if it lacks a variant: it is never
-    overwritten."""
+    overwritten. ``build(checkpoint)`` runs first when an export is needed."""
     if _is_current(package, variants):
         return
     if package.is_dir() and any(package.iterdir()) and not (package / ".exporter-stamp").is_file():
@@ -506,6 +508,8 @@ def ensure_package(checkpoint: Path, package: Path, variants: list[str]) -> None
         return
     from m3_exporter import export_package
 
+    if build is not None:
+        build(checkpoint)
     print(f"exporting {checkpoint} to {package} ({', '.join(variants)}) ...", file=sys.stderr, flush=True)
     export_package(str(checkpoint), package, variants=variants, force=True)  # type: ignore[arg-type]
     (package / ".exporter-stamp").write_text(_exporter_stamp())
@@ -697,8 +701,10 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from full_checkpoint import build
 
-    build(args.checkpoint)
-    ensure_package(args.checkpoint, args.package, sorted({parse_config(c)[0] for c in configs} | {"fp32"}))
+    if flag_python:  # FlagEmbedding loads the checkpoint; M3Model only needs the package
+        build(args.checkpoint)
+    variants = sorted({parse_config(c)[0] for c in configs} | {"fp32"})
+    ensure_package(args.checkpoint, args.package, variants, build=build)
     flags = [flag_name(b) for b in batch_sizes] if flag_python else []
     workloads = [w for w in WORKLOADS if not (w == "long" and args.no_long)]
     texts = make_texts(args.queries, args.passages)
