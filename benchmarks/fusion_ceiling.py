@@ -1,6 +1,6 @@
 """How fast could fused work around the int8 products make BGE-M3? (issue 23, option b)
 
-    python benchmarks/fusion_ceiling.py PACKAGE [--repeats 3] [--profile] [--queries 64] [--passages 16]
+    python benchmarks/fusion_ceiling.py PACKAGE [--repeats 3] [--profile [today|b free|b + LN free]] [--epilogue] [--queries 64] [--passages 16]
 
 Option (b) of the CPU issue would write ONNX Runtime custom ops that fuse the passes
 around the int8 matrix products: per-token quantization into SkipLayerNormalization's
@@ -29,8 +29,16 @@ bare ``MatMulInteger`` kernel (``gemm_bound.rate``, M = 256) and prints each
 configuration's share of the bound it allows: the issue's target is >= 0.70 and >= 1.5x
 today's tokens/s.
 
-``--profile`` instead runs ONNX Runtime's profiler on today's graph (one pass of each
-workload after a warm-up) and prints where the time goes by operator type.
+``--profile`` instead runs ONNX Runtime's profiler on today's graph, or on a rewrite
+(one pass of each workload after a warm-up) and prints where the time goes by operator
+type. On a rewrite it shows what the stand-in ``Cast``s still cost: a fused op writes
+its uint8 copy in the pass that makes its input, so the rewrites' ``Cast`` share is
+time a ceiling could still take off.
+
+``--epilogue`` times one bare ``MatMulIntegerToFloat`` (M x 1024 x 4096, M = 256 and
+768) as today's graph runs it (then a row-scale ``Mul``), alone, and with the bias as
+its input (as the rewrites run it), in interleaved passes: what ORT's own bias
+epilogue costs, which a fused epilogue might not.
 """
 
 from __future__ import annotations
@@ -185,7 +193,7 @@ def _encode(model, texts: list[str]) -> None:
     model.encode(texts, max_length=MAX_LENGTH, return_dense=True, return_sparse=True, return_colbert_vecs=True)
 
 
-def profile(package: Path, texts: dict[str, list[str]]) -> None:
+def profile(package: Path, texts: dict[str, list[str]], graph_path: Path | None = None) -> None:
     import onnxruntime as ort
     from m3_runtime import M3Model
     from m3_runtime.session import create_session
@@ -193,6 +201,7 @@ def profile(package: Path, texts: dict[str, list[str]]) -> None:
     model = M3Model(package, variant="int8")
     engine = model.engine
     graph, config, key = engine._open
+    graph = graph_path or graph
     real = ort.SessionOptions
 
     class Profiled(real):  # type: ignore[misc,valid-type]
@@ -225,18 +234,79 @@ def profile(package: Path, texts: dict[str, list[str]]) -> None:
                 print(f"  {op:<32}{us / total:7.1%}")
 
 
+def epilogue(repeats: int = 5, calls: int = 10) -> None:
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    k, n = 1024, 4096
+    rng = np.random.default_rng(0)
+    weights = [
+        numpy_helper.from_array(rng.integers(-127, 128, (k, n), dtype=np.int8), "w"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+        numpy_helper.from_array((rng.random(n) * 0.01).astype(np.float32), "w_scale"),
+        numpy_helper.from_array(np.array(128, np.uint8), "zp"),
+        numpy_helper.from_array(rng.standard_normal(n).astype(np.float32), "bias"),
+    ]
+    forms = {"product + row-scale Mul (today)": (False, True), "product alone": (False, False)}
+    forms["product with bias input"] = (True, False)
+
+    def session(bias: bool, row_scale: bool):
+        inputs = ["a", "w", "one", "w_scale", "zp"] + (["", "bias"] if bias else [])
+        nodes = [helper.make_node("MatMulIntegerToFloat", inputs, ["y0" if row_scale else "y"], domain=MS)]
+        graph_inputs = [helper.make_tensor_value_info("a", TensorProto.UINT8, ["m", k])]
+        if row_scale:
+            nodes.append(helper.make_node("Mul", ["y0", "s"], ["y"]))
+            graph_inputs.append(helper.make_tensor_value_info("s", TensorProto.FLOAT, ["m", 1]))
+        used = [t for t in weights if bias or t.name != "bias"]
+        out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", n])]
+        graph = helper.make_graph(nodes, "epilogue", graph_inputs, out, used)
+        opsets = [helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)]
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        model = helper.make_model(graph, opset_imports=opsets).SerializeToString()
+        return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+    sessions = {name: session(*form) for name, form in forms.items()}
+    for m in (256, 768):
+        feeds = {"a": rng.integers(0, 256, (m, k), dtype=np.uint8), "s": rng.random((m, 1)).astype(np.float32)}
+        times: dict[str, list[float]] = {name: [] for name in forms}
+        for p in range(repeats):
+            for name in forms if p % 2 == 0 else reversed(list(forms)):
+                feed = {key: feeds[key] for key in ("a", "s") if key == "a" or forms[name][1]}
+                sessions[name].run(None, feed)
+                start = time.perf_counter()
+                for _ in range(calls):
+                    sessions[name].run(None, feed)
+                times[name].append((time.perf_counter() - start) / calls * 1e3)
+        print(f"M = {m}: " + ", ".join(f"{name} {statistics.median(t):.2f} ms" for name, t in times.items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("package", type=Path, help="a full-size BGE-M3 package with an int8 variant")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--queries", type=int, default=64)
     parser.add_argument("--passages", type=int, default=16)
-    parser.add_argument("--profile", action="store_true", help="profile today's graph by operator type instead")
+    parser.add_argument(
+        "--profile",
+        nargs="?",
+        const="today",
+        choices=("today", "b free", "b + LN free"),
+        help="profile this graph (default today's) by operator type instead of timing",
+    )
+    parser.add_argument("--epilogue", action="store_true", help="time ORT's bias epilogue on a bare product instead")
     parser.add_argument("--json", type=Path, default=None, help="write the figures here")
     args = parser.parse_args()
+    if args.epilogue:
+        epilogue()
+        return
     texts = make_texts(args.queries, args.passages)
     if args.profile:
-        profile(args.package, texts)
+        with tempfile.TemporaryDirectory(prefix="m3-ceiling-") as tmp:
+            path = None
+            if args.profile != "today":
+                path, _ = write_rewrite(args.package, Path(tmp), drop_layernorm=args.profile == "b + LN free")
+            profile(args.package, texts, path)
         return
 
     with tempfile.TemporaryDirectory(prefix="m3-ceiling-") as tmp:
