@@ -66,33 +66,40 @@ QUANT_OPS = {"ReduceMax", "ReduceMin", "Neg", "Max", "Mul", "Shape", "Expand", "
 MS = "com.microsoft"
 
 
-def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
-    out: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+def _input_slots(graph: onnx.GraphProto):
+    """(node holding the slot, its input list, index) for every input, subgraphs' included;
+    the holder of a subgraph's input is the node that owns the subgraph."""
     for node in graph.node:
-        for name in node.input:
-            out[name].append(node)
+        for i in range(len(node.input)):
+            yield node, node.input, i
         for attr in node.attribute:
             if attr.type == onnx.AttributeProto.GRAPH:
                 for sub in attr.g.node:
-                    for name in sub.input:
-                        out[name].append(node)
+                    for i in range(len(sub.input)):
+                        yield node, sub.input, i
+
+
+def _consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+    for node, inputs, i in _input_slots(graph):
+        out[inputs[i]].append(node)
     return out
 
 
-def _rename_uses(graph: onnx.GraphProto, old: str, new: str) -> None:
-    for node in graph.node:
-        for i, name in enumerate(node.input):
-            if name == old:
-                node.input[i] = new
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                for sub in attr.g.node:
-                    for i, name in enumerate(sub.input):
-                        if name == old:
-                            sub.input[i] = new
+def _rename(graph: onnx.GraphProto, names: dict[str, str]) -> None:
+    """Every use of a name in ``names`` (inputs and graph outputs) now reads its new name,
+    followed to the end where a new name is itself renamed."""
+
+    def final(name: str) -> str:
+        while name in names:
+            name = names[name]
+        return name
+
+    names = {old: final(old) for old in names}
+    for _, inputs, i in _input_slots(graph):
+        inputs[i] = names.get(inputs[i], inputs[i])
     for output in graph.output:
-        if output.name == old:
-            output.name = new
+        output.name = names.get(output.name, output.name)
 
 
 def rewrite(model: onnx.ModelProto, drop_layernorm: bool) -> dict[str, int]:
@@ -128,7 +135,7 @@ def rewrite(model: onnx.ModelProto, drop_layernorm: bool) -> dict[str, int]:
     inits = {t.name for t in graph.initializer}
     consumers = _consumers(graph)
     remove: set[str] = set()
-    renames: list[tuple[str, str]] = []
+    renames: dict[str, str] = {}
     for node in graph.node:
         if node.op_type != "MatMulIntegerToFloat":
             continue
@@ -145,26 +152,24 @@ def rewrite(model: onnx.ModelProto, drop_layernorm: bool) -> dict[str, int]:
             remove.add(nxt.name)
             counts["biases" if nxt.op_type == "Add" else "bias_gelu"] += 1
             final = nxt.output[0]
-        renames.append((final, node.output[0]))
+        renames[final] = node.output[0]
     kept = [n for n in graph.node if n.name not in remove]
     del graph.node[:]
     graph.node.extend(kept)
-    for old, new in renames:
-        _rename_uses(graph, old, new)
+    _rename(graph, renames)
 
     # 4. SkipLayerNormalization -> its first input (every output it has).
     if drop_layernorm:
-        kept = []
+        kept, to_input = [], {}
         for node in graph.node:
             if node.op_type == "SkipLayerNormalization" and node.domain == MS:
-                for out in node.output:
-                    if out:
-                        _rename_uses(graph, out, node.input[0])
+                to_input.update((out, node.input[0]) for out in node.output if out)
                 counts["skip_layernorm"] += 1
             else:
                 kept.append(node)
         del graph.node[:]
         graph.node.extend(kept)
+        _rename(graph, to_input)
     return counts
 
 
@@ -176,16 +181,28 @@ def write_rewrite(package: Path, out_dir: Path, drop_layernorm: bool) -> tuple[P
     return path, counts
 
 
+def _swap_session(model, graph: Path, *, profile: bool = False) -> None:
+    """Run ``model`` on ``graph`` with the session options its engine chose (threads, arena,
+    int8 bits), optionally with ONNX Runtime's profiler on."""
+    import onnxruntime as ort
+    from m3_runtime.session import _session_options, run_options
+
+    engine = model.engine
+    _, config, _ = engine._open
+    options = _session_options(ort, config, cpu_only=True)
+    if profile:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tempfile.gettempdir()) / "m3_profile")
+    engine.session = ort.InferenceSession(str(graph), sess_options=options, providers=["CPUExecutionProvider"])
+    engine._run_options = run_options(engine.session)
+
+
 def _model(package: Path, graph: Path | None):
     from m3_runtime import M3Model
-    from m3_runtime.session import create_session, run_options
 
     model = M3Model(package, variant="int8")
     if graph is not None:
-        engine = model.engine
-        _, config, key = engine._open
-        engine.session, _ = create_session(graph, ["CPUExecutionProvider"], config, cache_key=key)
-        engine._run_options = run_options(engine.session)
+        _swap_session(model, graph)
     return model
 
 
@@ -194,28 +211,11 @@ def _encode(model, texts: list[str]) -> None:
 
 
 def profile(package: Path, texts: dict[str, list[str]], graph_path: Path | None = None) -> None:
-    import onnxruntime as ort
-    from m3_runtime import M3Model
-    from m3_runtime.session import create_session
-
-    model = M3Model(package, variant="int8")
-    engine = model.engine
-    graph, config, key = engine._open
-    graph = graph_path or graph
-    real = ort.SessionOptions
-
-    class Profiled(real):  # type: ignore[misc,valid-type]
-        def __init__(self) -> None:
-            super().__init__()
-            self.enable_profiling = True
-            self.profile_file_prefix = str(Path(tempfile.gettempdir()) / "m3_profile")
-
+    model = _model(package, None)
+    graph = graph_path or model.engine._open[0]
     for workload in ("queries", "passages"):
-        ort.SessionOptions = Profiled
-        try:
-            engine.session, _ = create_session(graph, ["CPUExecutionProvider"], config, cache_key=key)
-        finally:
-            ort.SessionOptions = real
+        _swap_session(model, graph, profile=True)
+        engine = model.engine
         _encode(model, texts[workload][:4])  # warm-up: its events are left out below
         cutoff_us = (time.monotonic_ns() - engine.session.get_profiling_start_time_ns()) / 1000
         _encode(model, texts[workload])
